@@ -1,0 +1,62 @@
+# kmfeat: `make features train` runs the main job, `make test` the tests.
+# Each target creates/updates the local virtual environment (.venv) first; the pinned CPU
+# torch is installed before anything that depends on torch, so pip never pulls a CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PIPELINE ?= pipelines/cifar10.toml
+DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
+HEAD ?=
+ARGS ?=
+
+PY := $(VENV)/bin/python
+KMFEAT := $(VENV)/bin/kmfeat
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+RUN_ARGS := -p $(PIPELINE) $(if $(DATA),--data $(DATA)) $(ARGS)
+ifeq ($(HEAD),linear)
+HEAD_ARGS := -o head.kind=sklearn -o head.estimator=LinearSVC \
+	-o 'head.params={loss="squared_hinge", dual=false, max_iter=2000}' -o 'head.grid={C=[0.0001, 0.001, 0.01]}'
+else ifeq ($(HEAD),logreg)
+HEAD_ARGS := -o head.kind=sklearn -o head.estimator=LogisticRegression \
+	-o 'head.params={max_iter=300}' -o 'head.grid={C=[0.0001, 0.001, 0.01]}'
+else ifeq ($(HEAD),mlp)
+HEAD_ARGS := -o head.kind=mlp
+else ifneq ($(HEAD),)
+$(error HEAD=$(HEAD): expected linear, logreg or mlp (empty: the pipeline's own head))
+endif
+
+.PHONY: venv features train test test-all bench clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+features: $(STAMP)
+	$(KMFEAT) data $(RUN_ARGS)
+	$(KMFEAT) patches $(RUN_ARGS)
+	$(KMFEAT) whiten $(RUN_ARGS)
+	$(KMFEAT) kmeans $(RUN_ARGS)
+	$(KMFEAT) encode $(RUN_ARGS)
+
+train: $(STAMP)
+	$(KMFEAT) train $(RUN_ARGS) $(HEAD_ARGS)
+	$(KMFEAT) evaluate $(RUN_ARGS) $(HEAD_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean-cache: $(STAMP)
+	$(KMFEAT) cache gc

@@ -1,0 +1,254 @@
+"""The `kmfeat` command line: parses options and calls the runner; nothing else."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import KmfeatError
+
+STAGE_HELP = {
+    "data": "Load the dataset into uint8 arrays (N, H, W, C) + labels.",
+    "patches": "Sample random patches and contrast-normalize them.",
+    "whiten": "Fit mean subtraction + ZCA/PCA whitening on the patches.",
+    "kmeans": "Learn the k-means dictionary (faiss or torch); writes centroids.png.",
+    "encode": "Encode every image densely and pool: train.npy / test.npy features.",
+    "train": "Train the classifier head on the cached features; writes metrics.json + plots.",
+}
+
+
+def _pipeline_options(func):
+    """-p/--data/-o/--force, shared by every command that resolves a pipeline."""
+    func = click.option("--force", is_flag=True, help="Recompute this stage even if cached.")(func)
+    func = click.option("-o", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                        help="Override a config value, e.g. -o kmeans.k=4000 (repeatable).")(func)
+    func = click.option("--data", "data", metavar="PATH",
+                        help="Dataset: CIFAR release (.tar.gz or folder) or image folder (dir, .tar, .tar.gz).")(func)
+    func = click.option("-p", "--pipeline", "pipeline", metavar="TOML",
+                        help="Pipeline config (pipelines/*.toml); default: built-in Coates defaults.")(func)
+    return func
+
+
+def _runner(ctx: click.Context, pipeline, data, overrides, force_stage=None):
+    from . import config
+    from .cache import Store
+    from .stages import Runner
+
+    cfg = config.load(pipeline, overrides, data)
+    force = frozenset([force_stage]) if force_stage else frozenset()
+    return Runner(cfg, Store(ctx.obj["cache_dir"]), force=force)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kmfeat")
+@click.option("--cache-dir", envvar="KMFEAT_CACHE", default="cache", show_default=True,
+              type=click.Path(file_okay=False), help="Stage store root (env KMFEAT_CACHE).")
+@click.pass_context
+def cli(ctx: click.Context, cache_dir: str) -> None:
+    """kmfeat: Coates-style unsupervised feature learning on images, as cached stages."""
+    ctx.obj = {"cache_dir": cache_dir}
+
+
+def _stage_command(name: str):
+    @cli.command(name, help=STAGE_HELP[name])
+    @_pipeline_options
+    @click.pass_context
+    def command(ctx, pipeline, data, overrides, force):
+        start = time.time()
+        entry = _runner(ctx, pipeline, data, overrides, name if force else None).run(name)
+        click.echo(f"{name}: ready in {time.time() - start:.1f} s -> {entry.path}")
+    return command
+
+
+for _name in STAGE_HELP:
+    _stage_command(_name)
+
+
+@cli.command("run")
+@_pipeline_options
+@click.pass_context
+def run_all(ctx, pipeline, data, overrides, force):
+    """Run every stage up to train (data -> ... -> train)."""
+    start = time.time()
+    runner = _runner(ctx, pipeline, data, overrides, "train" if force else None)
+    entry = runner.run("train")
+    click.echo(f"run: finished in {time.time() - start:.1f} s; test accuracy "
+               f"{entry.meta.get('test_accuracy', float('nan')):.4f} -> {entry.path}")
+
+
+def _metrics_table(metrics: dict) -> str:
+    test = metrics["test"]
+    lines = [f"head            {metrics['head']}",
+             f"train accuracy  {metrics['train_accuracy']:.4f}  ({metrics['n_fit']:,} fit rows)",
+             f"val accuracy    {metrics['val_accuracy']:.4f}  ({metrics['n_val']:,} images)",
+             f"test accuracy   {test['accuracy']:.4f}  ({metrics['n_test']:,} images)"]
+    if metrics.get("epochs_run"):
+        lines.append(f"epochs          {metrics['epochs_run']} run, best {metrics['best_epoch']}")
+    if metrics.get("best_params"):
+        lines.append(f"best params     {metrics['best_params']}")
+    lines.append(f"fit time        {metrics['fit_seconds']:.1f} s")
+    lines.append("per-class test accuracy:")
+    lines += [f"  {name:<14}{acc:.4f}" for name, acc in test["per_class_accuracy"].items()]
+    return "\n".join(lines)
+
+
+@cli.command("evaluate")
+@_pipeline_options
+@click.pass_context
+def evaluate(ctx, pipeline, data, overrides, force):
+    """Print the metrics of the trained head of a pipeline (run `kmfeat train` first)."""
+    runner = _runner(ctx, pipeline, data, overrides)
+    entry = runner.cached("train")
+    if entry is None:
+        raise KmfeatError(f"no trained head for {pipeline or 'the default pipeline'} with these settings; "
+                          f"run `kmfeat train` first")
+    click.echo(_metrics_table(json.loads(entry.file("metrics.json").read_text())))
+    click.echo(f"files: {entry.path}")
+
+
+@cli.command("export")
+@_pipeline_options
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
+@click.pass_context
+def export(ctx, pipeline, data, overrides, force, out):
+    """Write the cached features and labels to one .npz (X_train, y_train, X_test, y_test)."""
+    import numpy as np
+
+    entry = _runner(ctx, pipeline, data, overrides).cached("encode")
+    if entry is None:
+        raise KmfeatError("features not computed yet for this pipeline; run `kmfeat encode` first")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part.npz")
+    np.savez(tmp, X_train=entry.array("train"), y_train=entry.array("train_y"),
+             X_test=entry.array("test"), y_test=entry.array("test_y"),
+             classes=np.array(entry.meta["classes"]))
+    os.replace(tmp, out)
+    click.echo(f"export: {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+@cli.group("cache")
+def cache_group():
+    """Inspect and clean the stage store."""
+
+
+@cache_group.command("ls")
+@click.option("--stage", default=None, help="Only this stage.")
+@click.pass_context
+def cache_ls(ctx, stage):
+    """List entries: stage, key, params summary, size, age."""
+    from .cache import Store
+
+    store = Store(ctx.obj["cache_dir"])
+    now = time.time()
+    click.echo(f"{'stage':<8} {'key':<16} {'size':>9} {'age':>7}  params")
+    for e in store.entries(stage):
+        size = e.size_bytes() / 1e6
+        age = now - e.path.stat().st_mtime
+        age_s = f"{age / 3600:.1f}h" if age > 3600 else f"{age / 60:.0f}m"
+        params = ", ".join(f"{k}={v}" for k, v in e.params.items() if v not in ("", [], {}))
+        click.echo(f"{e.stage:<8} {e.key:<16} {size:>7.1f}MB {age_s:>7}  {params[:100]}")
+    for stage_name, key, path in store.leftovers():
+        click.echo(f"{stage_name:<8} {key:<16} {'-':>9} {'-':>7}  (unfinished: {path.name})")
+
+
+@cache_group.command("path")
+@click.argument("stage", type=click.Choice(list(STAGE_HELP)))
+@_pipeline_options
+@click.pass_context
+def cache_path(ctx, stage, pipeline, data, overrides, force):
+    """Print the folder of STAGE's entry for a pipeline (whether or not it exists yet)."""
+    runner = _runner(ctx, pipeline, data, overrides)
+    click.echo(runner.store.entry_dir(stage, runner.key(stage)))
+
+
+@cache_group.command("gc")
+@click.option("-p", "--pipeline", "pipelines", multiple=True, metavar="TOML",
+              help="Keep the entries of these pipelines (repeatable); others are removed.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_context
+def cache_gc(ctx, pipelines, dry_run):
+    """Remove unfinished temp folders, and entries not reachable from the given pipelines."""
+    from . import config
+    from .cache import Store
+    from .stages import Runner
+
+    store = Store(ctx.obj["cache_dir"])
+    keep = None
+    if pipelines:
+        keep = set()
+        for p in pipelines:
+            keep |= Runner(config.load(p), store).keys()
+    removed = store.gc(keep, dry_run=dry_run)
+    for path in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    click.echo(f"gc: {len(removed)} folder(s) {'to remove' if dry_run else 'removed'}")
+
+
+@cache_group.command("rm")
+@click.argument("stage", type=click.Choice(list(STAGE_HELP)))
+@click.argument("key")
+@click.pass_context
+def cache_rm(ctx, stage, key):
+    """Remove one entry (e.g. a corrupt one)."""
+    from .cache import Store
+
+    store = Store(ctx.obj["cache_dir"])
+    path = store.entry_dir(stage, key)
+    if not path.exists():
+        raise KmfeatError(f"{path}: no such entry (see `kmfeat cache ls`)")
+    with store.lock(stage, key):
+        store.remove(path)
+    click.echo(f"removed {path}")
+
+
+@cli.command("info")
+@click.pass_context
+def info(ctx):
+    """Versions, devices and thread counts."""
+    import numpy as np
+    import torch
+
+    from .threads import configure_threads
+
+    click.echo(f"kmfeat {__version__}  python {sys.version.split()[0]}  numpy {np.__version__}")
+    click.echo(f"torch {torch.__version__}  threads {configure_threads()}  "
+               f"cores available {len(os.sched_getaffinity(0))}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        click.echo(f"CUDA {torch.version.cuda}: {names}")
+    else:
+        click.echo("CUDA: not available (torch paths run on CPU)")
+    try:
+        import faiss
+
+        click.echo(f"faiss {faiss.__version__}  GPUs {faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0}")
+    except ImportError:
+        click.echo("faiss: not installed (k-means uses the torch backend)")
+    click.echo(f"cache dir {Path(ctx.obj['cache_dir']).resolve()}")
+
+
+def main(argv=None) -> None:
+    """Entry point: user mistakes end with one line and exit status 2, Ctrl-C with 130."""
+    try:
+        cli.main(args=argv, prog_name="kmfeat", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted; rerun the same command to resume.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KmfeatError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; rerun the same command to resume.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Typed pipeline configuration: TOML files in pipelines/ parsed into dataclasses.
+
+Unknown sections/keys and wrong types are errors that name the key and what is valid.
+`-o section.key=value` overrides any value; the value is parsed as TOML (so `8`, `0.5`,
+`true`, `"mlp"`, `[32, 32]`, `{C = 0.1}` all work) and a bare word is taken as a string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import KmfeatError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from (`--data` sets `path`)."""
+    source: Literal["cifar10", "cifar100", "imagefolder", "auto"] = "cifar10"
+    path: str = ""
+    resize: list[int] = field(default_factory=list)
+    limit_train: int = 0
+    limit_test: int = 0
+    seed: int = 0
+
+
+@dataclass
+class PatchesConfig:
+    """Random patches for learning the dictionary."""
+    rf: int = 6
+    n: int = 400_000
+    norm_eps: float = 10.0
+    seed: int = 0
+
+
+@dataclass
+class WhitenConfig:
+    method: Literal["zca", "pca", "none"] = "zca"
+    eps: float = 0.1
+
+
+@dataclass
+class KMeansConfig:
+    k: int = 1600
+    iters: int = 25
+    seed: int = 0
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class EncodeConfig:
+    kind: Literal["triangle", "hard", "soft"] = "triangle"
+    stride: int = 1
+    alpha: float = 0.5
+    flip_train: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch: int = 0
+
+
+@dataclass
+class PoolConfig:
+    grid: int = 2
+
+
+@dataclass
+class HeadConfig:
+    """Classifier on the cached features: the torch MLP or any scikit-learn classifier."""
+    kind: Literal["mlp", "sklearn"] = "mlp"
+    val: int = 5000
+    seed: int = 0
+    hidden: int = 512
+    dropout: float = 0.5
+    input_dropout: float = 0.0
+    epochs: int = 40
+    batch: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    patience: int = 8
+    label_smoothing: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    estimator: str = "LinearSVC"
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    patches: PatchesConfig = field(default_factory=PatchesConfig)
+    whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    name: str = "pipeline"
+
+    def section(self, name: str) -> dict:
+        """A section's values as a plain dict (what cache keys are built from)."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+SECTIONS = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "name"]
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    origin = typing.get_origin(tp)
+    return getattr(origin or tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise KmfeatError(f"{key}: got {value!r}, expected {_type_name(tp)}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or tp is float and isinstance(value, bool):
+        raise KmfeatError(f"{key}: got {value!r}, expected {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise KmfeatError(f"{key}: got {value!r}, expected a list of {_type_name(item)}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KmfeatError(f"{key}: got {value!r}, expected a table like {{name = value}}")
+        return dict(value)
+    if not isinstance(value, tp):
+        raise KmfeatError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise KmfeatError(f"{prefix}{key}: unknown key; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """['kmeans.k=4000', 'head.params.C=0.1'] -> nested dict."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise KmfeatError(f"-o {item}: expected section.key=value, e.g. -o kmeans.k=4000")
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KmfeatError(f"-o {item}: {part} is set twice")
+        node[parts[-1]] = _parse_value(text.strip())
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("params", "grid"):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(raw: dict, name: str = "pipeline") -> PipelineConfig:
+    """Validate a nested dict (as read from TOML) into a PipelineConfig."""
+    raw = dict(raw)
+    name = raw.pop("name", name)
+    sections = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise KmfeatError(f"{key}: unknown section; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise KmfeatError(f"{key}: expected a [{key}] table")
+        hints = typing.get_type_hints(PipelineConfig)
+        sections[key] = _build(hints[key], value, f"{key}.")
+    return PipelineConfig(name=str(name), **sections)
+
+
+def load(path: str | Path | None, overrides=(), data: str | None = None) -> PipelineConfig:
+    """Read a pipeline TOML (None: all defaults), apply `-o` overrides and `--data`."""
+    raw: dict = {}
+    name = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise KmfeatError(f"--pipeline {path}: no such file (see pipelines/*.toml)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise KmfeatError(f"{path}: not valid TOML: {exc}") from None
+        name = path.stem
+    raw = _merge(raw, parse_overrides(list(overrides)))
+    if data:
+        raw = _merge(raw, {"data": {"path": str(data)}})
+    cfg = from_dict(raw, name)
+    validate(cfg)
+    return cfg
+
+
+def _positive(key: str, value, minimum=1):
+    if value < minimum:
+        raise KmfeatError(f"{key}: got {value}, expected >= {minimum}")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Range checks that need no data (data-dependent ones happen in the stages)."""
+    _positive("patches.rf", cfg.patches.rf)
+    _positive("patches.n", cfg.patches.n)
+    _positive("kmeans.k", cfg.kmeans.k)
+    _positive("kmeans.iters", cfg.kmeans.iters)
+    _positive("encode.stride", cfg.encode.stride)
+    _positive("pool.grid", cfg.pool.grid)
+    _positive("data.limit_train", cfg.data.limit_train, 0)
+    _positive("data.limit_test", cfg.data.limit_test, 0)
+    _positive("encode.batch", cfg.encode.batch, 0)
+    _positive("head.val", cfg.head.val, 0)
+    if cfg.patches.norm_eps < 0:
+        raise KmfeatError(f"patches.norm_eps: got {cfg.patches.norm_eps}, expected >= 0")
+    if cfg.whiten.eps < 0:
+        raise KmfeatError(f"whiten.eps: got {cfg.whiten.eps}, expected >= 0")
+    if cfg.encode.alpha < 0:
+        raise KmfeatError(f"encode.alpha: got {cfg.encode.alpha}, expected >= 0")
+    if not 0 <= cfg.head.dropout < 1:
+        raise KmfeatError(f"head.dropout: got {cfg.head.dropout}, expected 0 <= dropout < 1")
+    if not 0 <= cfg.head.input_dropout < 1:
+        raise KmfeatError(f"head.input_dropout: got {cfg.head.input_dropout}, expected 0 <= dropout < 1")
+    if cfg.data.resize and (len(cfg.data.resize) != 2 or min(cfg.data.resize) < 1):
+        raise KmfeatError(f"data.resize: got {cfg.data.resize}, expected [H, W] with H, W >= 1")

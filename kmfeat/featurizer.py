@@ -1,0 +1,58 @@
+"""CoatesFeaturizer: the whole feature pipeline as one scikit-learn transformer.
+
+It calls the same functions as the CLI stages (sample_patches, normalize_patches, Whitener,
+KMeans, Encoder), so `Pipeline([("features", CoatesFeaturizer()), ("clf", ...)])` computes
+exactly what `kmfeat encode` caches, only in memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .encode import Encoder
+from .kmeans import KMeans
+from .patches import normalize_patches, sample_patches
+from .whiten import Whitener
+
+
+class CoatesFeaturizer(TransformerMixin, BaseEstimator):
+    """fit(images): patches -> whitening -> k-means; transform(images): pooled encodings.
+
+    images are uint8 arrays (N, H, W, C); the output is float32 (N, grid*grid*k).
+    """
+
+    def __init__(self, rf=6, n_patches=400_000, norm_eps=10.0, whiten="zca", whiten_eps=0.1,
+                 k=1600, kmeans_iters=25, kmeans_backend="auto", kind="triangle", alpha=0.5,
+                 stride=1, grid=2, device="auto", seed=0):
+        self.rf = rf
+        self.n_patches = n_patches
+        self.norm_eps = norm_eps
+        self.whiten = whiten
+        self.whiten_eps = whiten_eps
+        self.k = k
+        self.kmeans_iters = kmeans_iters
+        self.kmeans_backend = kmeans_backend
+        self.kind = kind
+        self.alpha = alpha
+        self.stride = stride
+        self.grid = grid
+        self.device = device
+        self.seed = seed
+
+    def fit(self, X, y=None):
+        patches = normalize_patches(sample_patches(X, rf=self.rf, n=self.n_patches, seed=self.seed),
+                                    eps=self.norm_eps)
+        self.whitener_ = Whitener(method=self.whiten, eps=self.whiten_eps).fit(patches)
+        self.kmeans_ = KMeans(k=self.k, iters=self.kmeans_iters, seed=self.seed,
+                              backend=self.kmeans_backend, device=self.device)
+        self.kmeans_.fit(self.whitener_.transform(patches))
+        self.encoder_ = Encoder(self.kmeans_.centroids_, self.whitener_.mean_, self.whitener_.W_,
+                                rf=self.rf, stride=self.stride, kind=self.kind, alpha=self.alpha,
+                                grid=self.grid, norm_eps=self.norm_eps, device=self.device)
+        self.n_features_out_ = self.encoder_.n_features
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        check_is_fitted(self, "encoder_")
+        return self.encoder_.transform(np.asarray(X))

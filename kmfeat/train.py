@@ -1,0 +1,90 @@
+"""Train a classifier head on cached features and write its metrics, model and plots.
+
+The test split is touched exactly once, after the head (and its epoch or hyper-parameters)
+was chosen on the validation split held out of train. Mirrored training images (flip_train)
+join the training part only: the mirrors of validation images stay out.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from .cache import Entry, Writer
+from .config import HeadConfig
+
+
+def make_head(h: HeadConfig):
+    """The head estimator a HeadConfig describes."""
+    if h.kind == "sklearn":
+        from .heads.sklearn import SklearnHead
+
+        return SklearnHead(estimator=h.estimator, params=dict(h.params), grid=dict(h.grid))
+    from .heads.mlp import MLPHead
+
+    return MLPHead(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch=h.batch, lr=h.lr,
+                   weight_decay=h.weight_decay, optimizer=h.optimizer, schedule=h.schedule,
+                   patience=h.patience, seed=h.seed, device=h.device, input_dropout=h.input_dropout,
+                   label_smoothing=h.label_smoothing)
+
+
+def split_features(features: Entry, n_val: int, seed: int):
+    """(X_fit, y_fit, X_val, y_val) from an encode entry: val held out of the unflipped train
+    images; the fit part adds the mirrors of the fit images when they were encoded."""
+    from .heads.common import validation_split
+
+    X, y = features.array("train"), np.asarray(features.array("train_y"))
+    fit_idx, val_idx = validation_split(y, n_val, seed)
+    X_fit, y_fit = np.asarray(X[fit_idx]), y[fit_idx]
+    if features.has("train_flip"):
+        X_fit = np.concatenate([X_fit, np.asarray(features.array("train_flip")[fit_idx])])
+        y_fit = np.concatenate([y_fit, y[fit_idx]])
+    X_val, y_val = (np.asarray(X[val_idx]), y[val_idx]) if len(val_idx) else (None, None)
+    return X_fit, y_fit, X_val, y_val, fit_idx
+
+
+def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
+    """Fit, select on val, score test once; writes metrics.json, the model and PNGs into `out`."""
+    from .heads.common import classification_metrics
+    from .plots import plot_confusion, plot_curves
+
+    start = time.time()
+    classes = features.meta["classes"]
+    X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed)
+    head = make_head(h).fit(X_fit, y_fit, X_val, y_val)
+    fit_seconds = time.time() - start
+
+    X_train, y_train = features.array("train"), np.asarray(features.array("train_y"))
+    train_pred = head.predict(np.asarray(X_train[fit_idx]))
+    val_acc = float((head.predict(X_val) == y_val).mean()) if X_val is not None else float("nan")
+    y_test = np.asarray(features.array("test_y"))
+    test = classification_metrics(y_test, head.predict(features.array("test")), classes)
+
+    history = getattr(head, "history_", [])
+    metrics = {
+        "head": h.kind if h.kind == "mlp" else f"sklearn:{h.estimator}",
+        "train_accuracy": float((train_pred == y_train[fit_idx]).mean()),
+        "val_accuracy": val_acc,
+        "test": test,
+        "n_fit": int(len(y_fit)), "n_val": int(0 if y_val is None else len(y_val)), "n_test": int(len(y_test)),
+        "flipped_training_copies": features.has("train_flip"),
+        "epochs_run": getattr(head, "n_epochs_run_", None),
+        "best_epoch": getattr(head, "best_epoch_", None),
+        "best_params": getattr(head, "best_params_", None),
+        "grid_scores": getattr(head, "grid_scores_", None),
+        "history": history,
+        "fit_seconds": round(fit_seconds, 2),
+        "seconds": round(time.time() - start, 2),
+        "feature_key": features.key,
+        "config": asdict(h),
+    }
+    out.path("metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    head.save(out.path("model.pt" if h.kind == "mlp" else "model.joblib"))
+    plot_confusion(np.array(test["confusion"]), classes, out.path("confusion.png"),
+                   title=f"{metrics['head']}: test accuracy {test['accuracy']:.4f}")
+    if history:
+        plot_curves(history, out.path("curves.png"))
+    out.meta.update(test_accuracy=test["accuracy"], val_accuracy=val_acc)
+    return metrics

@@ -1,0 +1,183 @@
+"""The stage store: keys, atomic commits, integrity checks, gc, and the runner's caching."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kmfeat import config, stages
+from kmfeat.cache import Store, make_key
+from kmfeat.errors import KmfeatError
+from kmfeat.stages import ORDER, Runner
+
+
+def test_make_key_is_stable_and_sensitive():
+    a = make_key("kmeans", {"k": 10, "iters": 5}, {"whiten": "abc"})
+    assert a == make_key("kmeans", {"iters": 5, "k": 10}, {"whiten": "abc"})
+    assert a != make_key("kmeans", {"k": 11, "iters": 5}, {"whiten": "abc"})
+    assert a != make_key("kmeans", {"k": 10, "iters": 5}, {"whiten": "abd"})
+    assert a != make_key("encode", {"k": 10, "iters": 5}, {"whiten": "abc"})
+
+
+def keys_for(tmp_path, overrides):
+    cfg = config.load(None, ["data.path=" + json.dumps(str(tmp_path))] + overrides)
+    runner = Runner(cfg, Store(tmp_path / "cache"))
+    return {name: runner.key(name) for name in ORDER}
+
+
+@pytest.mark.parametrize("override,first_changed", [
+    ("data.limit_train=100", "data"),
+    ("patches.n=1000", "patches"),
+    ("whiten.eps=0.01", "whiten"),
+    ("kmeans.k=4000", "kmeans"),
+    ("encode.kind=hard", "encode"),
+    ("pool.grid=3", "encode"),
+    ("head.hidden=64", "train"),
+])
+def test_changed_param_changes_that_stage_and_dependants_only(tmp_path, override, first_changed):
+    base = keys_for(tmp_path, [])
+    changed = keys_for(tmp_path, [override])
+    assert base == keys_for(tmp_path, [])
+    for name in ORDER:
+        downstream = ORDER.index(name) >= ORDER.index(first_changed)
+        assert (base[name] != changed[name]) == downstream, name
+
+
+def test_device_and_batch_do_not_change_keys(tmp_path):
+    assert keys_for(tmp_path, []) == keys_for(tmp_path, ["encode.batch=7", "encode.device=cpu"])
+
+
+def test_sklearn_head_key_ignores_mlp_params(tmp_path):
+    a = keys_for(tmp_path, ["head.kind=sklearn"])
+    b = keys_for(tmp_path, ["head.kind=sklearn", "head.hidden=3"])
+    assert a["train"] == b["train"]
+
+
+def commit_entry(store, stage="s", key="k1", arrays=None):
+    with store.lock(stage, key):
+        w = store.writer(stage, key, {"a": 1}, {})
+        for name, arr in (arrays or {"x": np.arange(10.0)}).items():
+            w.save(name, arr)
+        return w.commit()
+
+
+def test_commit_roundtrip_and_manifest(tmp_path):
+    store = Store(tmp_path)
+    entry = commit_entry(store, arrays={"x": np.arange(12, dtype=np.float32).reshape(3, 4)})
+    manifest = json.loads((entry.path / "manifest.json").read_text())
+    assert manifest["arrays"]["x"]["shape"] == [3, 4] and manifest["arrays"]["x"]["dtype"] == "float32"
+    assert manifest["params"] == {"a": 1} and manifest["stage"] == "s"
+    np.testing.assert_array_equal(entry.array("x"), np.arange(12).reshape(3, 4))
+    assert not list((tmp_path / "s").glob(".tmp-*"))
+
+
+def test_failure_inside_a_stage_leaves_no_valid_entry(tmp_path):
+    store = Store(tmp_path)
+    with store.lock("s", "k1"):
+        w = store.writer("s", "k1", {}, {})
+        w.save("x", np.zeros(5))
+        w.abort()
+    assert store.get("s", "k1") is None
+    # a crash before commit leaves a temp folder that is not an entry and is gc'd
+    w = store.writer("s", "k2", {}, {})
+    w.save("x", np.zeros(5))
+    assert store.get("s", "k2") is None and store.entries() == []
+    assert [p for _, _, p in store.leftovers()] == [w.dir]
+    assert store.gc(dry_run=True) == [w.dir] and w.dir.exists()
+    assert store.gc() == [w.dir] and not w.dir.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupt_array_is_refused(tmp_path, damage):
+    store = Store(tmp_path)
+    entry = commit_entry(store, arrays={"x": np.random.default_rng(0).random(300_000)})
+    path = entry.path / "x.npy"
+    if damage == "truncate":
+        os.truncate(path, path.stat().st_size - 8)
+    elif damage == "flip":
+        with open(path, "r+b") as f:
+            f.seek(200)
+            byte = f.read(1)
+            f.seek(200)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        path.unlink()
+    with pytest.raises(KmfeatError, match=r"x\.npy: .*kmfeat cache rm s k1"):
+        store.get("s", "k1").array("x")
+
+
+def test_gc_keeps_reachable_and_skips_locked(tmp_path):
+    store = Store(tmp_path)
+    a = commit_entry(store, key="a")
+    b = commit_entry(store, key="b")
+    w = store.writer("s", "c", {}, {})
+    with store.lock("s", "c"):
+        removed = store.gc(keep={("s", "a")})
+    assert removed == [b.path]
+    assert a.path.exists() and w.dir.exists()
+
+
+class Counting:
+    """Replaces stage bodies with small fakes that count calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in ORDER:
+            stage = stages.STAGES[name]
+            monkeypatch.setitem(stages.STAGES, name, stages.Stage(
+                name, stage.deps, stage.params, self.body(name), stage.resumable))
+
+    def body(self, name):
+        def compute(ctx):
+            self.calls.append(name)
+            ctx.out.save("value", np.array([len(self.calls)]))
+            return name
+        return compute
+
+
+def test_runner_caches_and_recomputes_only_dependants(tmp_path, monkeypatch):
+    counting = Counting(monkeypatch)
+    store = Store(tmp_path / "cache")
+    cfg = config.load(None, [f"data.path={json.dumps(str(tmp_path))}"])
+    Runner(cfg, store).run("train")
+    assert counting.calls == ORDER
+    counting.calls.clear()
+    Runner(cfg, store).run("train")
+    assert counting.calls == []
+    cfg2 = config.load(None, [f"data.path={json.dumps(str(tmp_path))}", "kmeans.k=7"])
+    Runner(cfg2, store).run("train")
+    assert counting.calls == ["kmeans", "encode", "train"]
+    counting.calls.clear()
+    Runner(cfg2, store, force=frozenset(["whiten"])).run("whiten")
+    assert counting.calls == ["whiten"]
+
+
+def test_runner_failure_keeps_no_entry(tmp_path, monkeypatch):
+    def boom(ctx):
+        ctx.out.save("value", np.zeros(3))
+        raise RuntimeError("stage failed")
+    stage = stages.STAGES["data"]
+    monkeypatch.setitem(stages.STAGES, "data", stages.Stage("data", (), stage.params, boom))
+    store = Store(tmp_path / "cache")
+    cfg = config.load(None, [f"data.path={json.dumps(str(tmp_path))}"])
+    with pytest.raises(RuntimeError):
+        Runner(cfg, store).run("data")
+    assert store.entries() == [] and store.leftovers() == []
+
+
+def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    def full(ctx):
+        ctx.out.save("value", np.zeros(3))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    stage = stages.STAGES["data"]
+    monkeypatch.setitem(stages.STAGES, "data", stages.Stage("data", (), stage.params, full))
+    store = Store(tmp_path / "cache")
+    cfg = config.load(None, [f"data.path={json.dumps(str(tmp_path))}"])
+    with pytest.raises(KmfeatError, match="disk full"):
+        Runner(cfg, store).run("data")
+    assert store.entries() == [] and store.leftovers() == []

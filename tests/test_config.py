@@ -1,0 +1,69 @@
+"""Pipeline config parsing, overrides and their errors."""
+from pathlib import Path
+
+import pytest
+
+from kmfeat import config
+from kmfeat.errors import KmfeatError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "pipelines").glob("*.toml")))
+def test_shipped_pipelines_parse(name):
+    cfg = config.load(ROOT / "pipelines" / name)
+    assert cfg.patches.rf >= 1 and cfg.kmeans.k >= 1
+
+
+def test_cifar10_defaults_are_coates():
+    cfg = config.load(ROOT / "pipelines/cifar10.toml")
+    assert (cfg.patches.rf, cfg.patches.n, cfg.kmeans.k) == (6, 400_000, 1600)
+    assert (cfg.encode.kind, cfg.encode.stride, cfg.pool.grid) == ("triangle", 1, 2)
+    assert cfg.whiten.method == "zca" and cfg.whiten.eps == 0.1
+    assert cfg.head.kind == "mlp" and cfg.encode.flip_train
+    paper = config.load(ROOT / "pipelines/coates2011.toml")
+    assert paper.head.kind == "sklearn" and not paper.encode.flip_train
+
+
+def test_overrides_and_types(tmp_path):
+    path = write(tmp_path, "[kmeans]\nk = 10\n[patches]\nnorm_eps = 10\n")
+    cfg = config.load(path, ["kmeans.k=4000", "encode.kind=hard", "data.resize=[28, 30]",
+                             "head.params={C = 0.5}", "whiten.eps=1"])
+    assert cfg.kmeans.k == 4000
+    assert cfg.encode.kind == "hard"
+    assert cfg.data.resize == [28, 30]
+    assert cfg.head.params == {"C": 0.5}
+    assert isinstance(cfg.whiten.eps, float) and cfg.whiten.eps == 1.0
+    assert isinstance(cfg.patches.norm_eps, float)
+    assert config.load(path, data="/x/y.tar").data.path == "/x/y.tar"
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("[kmeans]\nkk = 3\n", [], r"kmeans\.kk: unknown key; valid keys: k, iters"),
+    ("[kmean]\nk = 3\n", [], r"kmean: unknown section; valid sections: data, patches"),
+    ("[kmeans]\nk = 'many'\n", [], r"kmeans\.k: got 'many' \(str\), expected int"),
+    ("[kmeans]\nk = 2.5\n", [], r"kmeans\.k: got 2.5"),
+    ("[encode]\nkind = 'tri'\n", [], r"encode\.kind: got 'tri', expected one of 'triangle', 'hard', 'soft'"),
+    ("[encode]\nflip_train = 1\n", [], r"encode\.flip_train: got 1"),
+    ("", ["kmeans.k=0"], r"kmeans\.k: got 0, expected >= 1"),
+    ("", ["encode.stride=0"], r"encode\.stride: got 0, expected >= 1"),
+    ("", ["head.dropout=-0.1"], r"head\.dropout: got -0.1"),
+    ("", ["kmeans"], r"-o kmeans: expected section\.key=value"),
+    ("", ["kmeans.backend=sklearn"], r"kmeans\.backend: got 'sklearn'"),
+    ("", ["data.resize=[32]"], r"data\.resize"),
+    ("k = [", [], r"not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path, text, overrides, match):
+    with pytest.raises(KmfeatError, match=match):
+        config.load(write(tmp_path, text), overrides)
+
+
+def test_missing_pipeline_file(tmp_path):
+    with pytest.raises(KmfeatError, match="no such file"):
+        config.load(tmp_path / "nope.toml")

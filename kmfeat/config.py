@@ -49,6 +49,7 @@ class KMeansConfig:
     seed: int = 0
     backend: Literal["auto", "faiss", "torch"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    init: Literal["random", "k-means++"] = "random"
 
 
 @dataclass

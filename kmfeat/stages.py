@@ -97,6 +97,7 @@ def load_whitener(entry: Entry):
     whitener.mean_ = np.asarray(entry.array("mean"))
     whitener.W_ = np.asarray(entry.array("matrix"))
     whitener.eigenvalues_ = np.asarray(entry.array("eigenvalues"))
+    whitener.n_features_in_ = whitener.W_.shape[1]
     return whitener
 
 
@@ -111,7 +112,8 @@ def _compute_kmeans(ctx: Context) -> str:
     k = ctx.cfg.kmeans
     whitener = load_whitener(ctx.inputs["whiten"])
     z = whitener.transform(ctx.inputs["patches"].array("patches"))
-    km = KMeans(k=k.k, iters=k.iters, seed=k.seed, backend=k.backend, device=k.device).fit(z)
+    km = KMeans(k=k.k, iters=k.iters, seed=k.seed, backend=k.backend, device=k.device,
+                init=k.init).fit(z)
     ctx.out.save("centroids", km.centroids_)
     ctx.out.save("counts", km.counts_)
     ctx.out.meta.update(inertia=float(km.inertia_), backend=km.backend_, device=km.device_,

@@ -1,0 +1,273 @@
+"""Lloyd k-means with two interchangeable backends: faiss (GPU or CPU) and torch (CUDA or CPU).
+
+Both start from the same k distinct data points drawn with numpy from the seed (uniformly, or
+D^2-weighted k-means++ on a subsample), run `iters` Lloyd iterations (assign, then mean update;
+empty clusters re-seeded by splitting the largest), and report counts_ / inertia_ from one final
+assignment measured the same way.
+"""
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from .errors import KmfeatError
+from .progress import bar
+
+BACKENDS = ("auto", "faiss", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+INITS = ("random", "k-means++")
+_PP_POOL_PER_CLUSTER = 20
+_PP_MIN_POOL = 10_000
+_SPLIT_EPS = 1.0 / 1024.0
+_INERTIA_CHUNK = 65_536
+
+
+def _faiss():
+    """The faiss module, or None when it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_gpus(faiss) -> int:
+    """GPUs this faiss build can use (0 for faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def resolve_backend(backend: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """The (backend, device) that will actually run, e.g. ("faiss", "cpu") or ("torch", "cuda").
+
+    auto prefers faiss (its GPU index when it has GPUs and device allows), then torch; device
+    "cuda" falls back from faiss-cpu to torch CUDA under backend auto.
+    """
+    if backend not in BACKENDS:
+        raise KmfeatError(f"kmeans.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device not in DEVICES:
+        raise KmfeatError(f"kmeans.device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    faiss = _faiss()
+    torch_cuda = torch.cuda.is_available()
+    if backend == "faiss" and faiss is None:
+        raise KmfeatError("kmeans.backend: faiss is not installed; `pip install faiss-cpu` (or faiss-gpu), "
+                          "or set kmeans.backend = \"torch\"")
+    if backend in ("auto", "faiss") and faiss is not None:
+        faiss_gpu = _faiss_gpus(faiss) > 0
+        if device == "auto":
+            return "faiss", "cuda" if faiss_gpu else "cpu"
+        if device == "cpu" or faiss_gpu:
+            return "faiss", device
+        if backend == "faiss":
+            raise KmfeatError("kmeans.device: \"cuda\" but this faiss has no GPU support; install faiss-gpu, "
+                              "or set kmeans.backend = \"torch\" or kmeans.device = \"cpu\"")
+    if device == "cuda" and not torch_cuda:
+        raise KmfeatError("kmeans.device: \"cuda\" but no CUDA GPU is available; "
+                          "set kmeans.device = \"cpu\" or \"auto\"")
+    if device == "auto":
+        device = "cuda" if torch_cuda else "cpu"
+    return "torch", device
+
+
+def _kmeanspp(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling) over a uniform subsample of X; returns k rows (distinct indices).
+
+    The k sequential mat-vecs are memory-bound: one BLAS thread is as fast and avoids thread thrash.
+    """
+    n = X.shape[0]
+    pool_size = min(n, max(_PP_POOL_PER_CLUSTER * k, _PP_MIN_POOL))
+    pool = np.sort(rng.choice(n, size=pool_size, replace=False)) if pool_size < n else np.arange(n)
+    P = X[pool].astype(np.float64)
+    p_sq = np.einsum("ij,ij->i", P, P)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(pool_size)
+    d2 = np.full(pool_size, np.inf)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for j in range(k):
+            if j > 0:
+                cum = np.cumsum(d2)
+                if cum[-1] > 0:
+                    chosen[j] = np.searchsorted(cum, rng.random() * cum[-1], side="right")
+                else:
+                    free = np.setdiff1d(np.arange(pool_size), chosen[:j])
+                    chosen[j] = free[rng.integers(free.size)]
+            c = P[chosen[j]]
+            np.minimum(d2, np.maximum(p_sq - 2.0 * (P @ c) + c @ c, 0.0), out=d2)
+            d2[chosen[j]] = 0.0
+    return X[pool[chosen]]
+
+
+def _initial_centroids(X: np.ndarray, k: int, seed: int, init: str) -> np.ndarray:
+    """k distinct rows of X chosen with numpy from the seed, identical for every backend."""
+    rng = np.random.default_rng(seed)
+    if init == "random":
+        return X[rng.choice(X.shape[0], size=k, replace=False)]
+    return _kmeanspp(X, k, rng)
+
+
+def _as_float32(X) -> np.ndarray:
+    """C-contiguous float32 (n, d) view or copy of X."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[0] < 1:
+        raise KmfeatError(f"kmeans: expected a non-empty 2-d array (n, d) of patches, got shape {X.shape}")
+    return X
+
+
+def _to_torch(X: np.ndarray, device: str) -> torch.Tensor:
+    """Share a (possibly read-only) numpy array with torch; nothing writes to it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(X).to(device)
+
+
+def _chunk_rows(device: str, k: int) -> int:
+    """Rows per distance block: ~16 MB of float32 on CPU (stays in cache), ~1 GB on CUDA."""
+    budget = (1 << 28) if device == "cuda" else (1 << 22)
+    return max(256, budget // max(k, 1))
+
+
+@torch.no_grad()
+def _assign_torch(X: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Nearest centroid per row of X (int64), via argmin of ||c||^2 - 2 x.c, in row chunks."""
+    c_sq = (C * C).sum(dim=1)
+    Ct = C.T
+    labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
+    dist = None
+    for s in range(0, X.shape[0], chunk):
+        x = X[s:s + chunk]
+        if dist is None or dist.shape[0] != x.shape[0]:
+            dist = torch.empty((x.shape[0], C.shape[0]), dtype=X.dtype, device=X.device)
+        torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0, out=dist)
+        torch.argmin(dist, dim=1, out=labels[s:s + chunk])
+    return labels
+
+
+def _split_empty(C: torch.Tensor, counts: torch.Tensor) -> int:
+    """Re-seed each empty centroid by splitting the currently largest cluster (as faiss does).
+
+    The pair becomes c * (1 +/- eps) with alternating signs per dimension. Edits C and counts
+    in place; returns the number of clusters re-seeded.
+    """
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if not empty:
+        return 0
+    sign = torch.ones(C.shape[1], dtype=C.dtype, device=C.device)
+    sign[1::2] = -1.0
+    for ci in empty:
+        cj = int(torch.argmax(counts))
+        base = C[cj].clone()
+        C[ci] = base * (1.0 + _SPLIT_EPS * sign)
+        C[cj] = base * (1.0 - _SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
+@torch.no_grad()
+def _lloyd_torch(X: np.ndarray, init: np.ndarray, iters: int, device: str):
+    """Lloyd iterations in float32 on device; returns (centroids, n_iter)."""
+    Xt = _to_torch(X, device)
+    C = torch.from_numpy(init).to(device).clone()
+    k, chunk = C.shape[0], _chunk_rows(device, init.shape[0])
+    prev = None
+    n_iter = 0
+    for _ in bar(range(iters), desc=f"k-means torch/{device}", unit="iter"):
+        labels = _assign_torch(Xt, C, chunk)
+        n_iter += 1
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(C).index_add_(0, labels, Xt)
+        C = sums / counts.clamp(min=1).to(C.dtype)[:, None]
+        split = _split_empty(C, counts)
+        if prev is not None and split == 0 and torch.equal(labels, prev):
+            break
+        prev = labels
+    return C.cpu().numpy(), n_iter
+
+
+def _lloyd_faiss(X: np.ndarray, init: np.ndarray, iters: int, seed: int, gpu: bool):
+    """faiss Kmeans from the given init, without subsampling; returns (centroids, n_iter)."""
+    faiss = _faiss()
+    d = X.shape[1]
+    km = faiss.Kmeans(d, init.shape[0], niter=iters, seed=seed, gpu=gpu, verbose=False,
+                      max_points_per_centroid=(1 << 31) - 1, min_points_per_centroid=1)
+    km.train(X, init_centroids=init)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32), len(km.obj)
+
+
+def _assign_faiss(X: np.ndarray, C: np.ndarray, gpu: bool) -> np.ndarray:
+    """Nearest centroid per row of X (int64) with an exact faiss L2 index."""
+    faiss = _faiss()
+    index = faiss.IndexFlatL2(C.shape[1])
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(C)
+    _, labels = index.search(X, 1)
+    return labels.ravel().astype(np.int64)
+
+
+def _inertia(X: np.ndarray, C: np.ndarray, labels: np.ndarray) -> float:
+    """Sum of ||x - c_label||^2 from explicit differences, accumulated in float64."""
+    C = C.astype(np.float64)
+    total = 0.0
+    for s in range(0, X.shape[0], _INERTIA_CHUNK):
+        diff = X[s:s + _INERTIA_CHUNK].astype(np.float64) - C[labels[s:s + _INERTIA_CHUNK]]
+        total += float(np.einsum("ij,ij->", diff, diff))
+    return total
+
+
+class KMeans(BaseEstimator):
+    """k-means on patch vectors with a faiss or torch backend (see resolve_backend)."""
+
+    def __init__(self, k: int = 1600, iters: int = 25, seed: int = 0, backend: str = "auto", device: str = "auto",
+                 init: str = "random"):
+        self.k = k
+        self.iters = iters
+        self.seed = seed
+        self.backend = backend
+        self.device = device
+        self.init = init
+
+    def fit(self, X, y=None):
+        """Cluster X (n, d); learns centroids_, counts_, inertia_, backend_, device_, n_iter_.
+
+        n_iter_ can be below iters when the assignment stops changing (faiss: the objective).
+        """
+        if int(self.k) < 1:
+            raise KmfeatError(f"kmeans.k: must be at least 1, got {self.k}")
+        if int(self.iters) < 1:
+            raise KmfeatError(f"kmeans.iters: must be at least 1, got {self.iters}")
+        if self.init not in INITS:
+            raise KmfeatError(f"kmeans.init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        backend, device = resolve_backend(self.backend, self.device)
+        X = _as_float32(X)
+        k, n = int(self.k), X.shape[0]
+        if k > n:
+            raise KmfeatError(f"kmeans.k: {k} clusters but only {n} patches; lower kmeans.k or sample more patches")
+        if not np.isfinite(X).all():
+            raise KmfeatError("kmeans: input patches contain NaN or inf")
+        init = _initial_centroids(X, k, int(self.seed), self.init)
+        if backend == "faiss":
+            C, self.n_iter_ = _lloyd_faiss(X, init, int(self.iters), int(self.seed), device == "cuda")
+        else:
+            C, self.n_iter_ = _lloyd_torch(X, init, int(self.iters), device)
+        self.centroids_ = C
+        self.backend_, self.device_ = backend, device
+        self.n_features_in_ = X.shape[1]
+        labels = self.predict(X)
+        self.counts_ = np.bincount(labels, minlength=k).astype(np.int64)
+        self.inertia_ = _inertia(X, C, labels)
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        """Index of the nearest centroid for each row of X, int64."""
+        check_is_fitted(self, "centroids_")
+        X = _as_float32(X)
+        if X.shape[1] != self.n_features_in_:
+            raise KmfeatError(f"kmeans: expected patches with {self.n_features_in_} values, got {X.shape[1]}")
+        if self.backend_ == "faiss":
+            return _assign_faiss(X, self.centroids_, self.device_ == "cuda")
+        C = torch.tensor(np.asarray(self.centroids_, dtype=np.float32), device=self.device_)
+        labels = _assign_torch(_to_torch(X, self.device_), C, _chunk_rows(self.device_, C.shape[0]))
+        return labels.cpu().numpy()

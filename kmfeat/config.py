@@ -84,6 +84,7 @@ class HeadConfig:
     schedule: Literal["cosine", "step", "none"] = "cosine"
     patience: int = 8
     label_smoothing: float = 0.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     estimator: str = "LinearSVC"
     params: dict[str, Any] = field(default_factory=dict)

@@ -27,7 +27,7 @@ def make_head(h: HeadConfig):
     return MLPHead(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch=h.batch, lr=h.lr,
                    weight_decay=h.weight_decay, optimizer=h.optimizer, schedule=h.schedule,
                    patience=h.patience, seed=h.seed, device=h.device, input_dropout=h.input_dropout,
-                   label_smoothing=h.label_smoothing)
+                   label_smoothing=h.label_smoothing, precision=h.precision)
 
 
 def split_features(features: Entry, n_val: int, seed: int):

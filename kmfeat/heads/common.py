@@ -1,0 +1,134 @@
+"""Pieces shared by every classifier head: train-only standardization, the validation split, metrics."""
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from kmfeat.errors import KmfeatError
+
+CHUNK_ROWS = 8192
+
+
+def row_chunks(n: int, size: int = CHUNK_ROWS):
+    """Yield (start, stop) ranges covering 0..n in steps of `size` rows."""
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def check_features(X, name: str = "X") -> None:
+    """Features must be a 2-d numeric array (N, F) with at least one row."""
+    if getattr(X, "ndim", None) != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        shape = getattr(X, "shape", None)
+        raise KmfeatError(f"{name}: expected a non-empty 2-d feature array (N, F), got shape {shape}")
+
+
+class Standardizer(TransformerMixin, BaseEstimator):
+    """Feature standardization with TRAIN statistics only: (x - mean_) / sqrt(var_ + eps), eps=0.01 (Coates).
+
+    Statistics are accumulated in float64 over row chunks, so a read-only memmap is never copied whole.
+    """
+
+    def __init__(self, eps: float = 0.01):
+        self.eps = eps
+
+    def fit(self, X, y=None):
+        """Learn mean_ and scale_ = sqrt(var_ + eps) (both float32) from X."""
+        check_features(X)
+        if not self.eps >= 0:
+            raise KmfeatError(f"head.eps: expected a number >= 0, got {self.eps!r}")
+        n, f = X.shape
+        total = np.zeros(f, np.float64)
+        for a, b in row_chunks(n):
+            total += np.asarray(X[a:b], dtype=np.float64).sum(axis=0)
+        mean = total / n
+        sq = np.zeros(f, np.float64)
+        for a, b in row_chunks(n):
+            d = np.asarray(X[a:b], dtype=np.float64) - mean
+            sq += np.einsum("ij,ij->j", d, d)
+        self.var_ = (sq / n).astype(np.float32)
+        self.mean_ = mean.astype(np.float32)
+        self.scale_ = np.sqrt(sq / n + self.eps).astype(np.float32)
+        self.n_features_in_ = f
+        return self
+
+    def _check_width(self, X) -> None:
+        check_features(X)
+        if X.shape[1] != self.n_features_in_:
+            raise KmfeatError(f"features: expected {self.n_features_in_} columns (as at fit time), got {X.shape[1]}")
+
+    def transform(self, X) -> np.ndarray:
+        """Return a new float32 array (X - mean_) / scale_, computed chunk by chunk."""
+        self._check_width(X)
+        out = np.empty(X.shape, np.float32)
+        for a, b in row_chunks(X.shape[0]):
+            out[a:b] = X[a:b]
+            self._apply(out[a:b])
+        return out
+
+    def transform_inplace(self, X: np.ndarray) -> np.ndarray:
+        """Standardize a writable float32 array in place (no copy) and return it."""
+        self._check_width(X)
+        if X.dtype != np.float32 or not X.flags.writeable:
+            raise ValueError("transform_inplace needs a writable float32 array")
+        for a, b in row_chunks(X.shape[0]):
+            self._apply(X[a:b])
+        return X
+
+    def _apply(self, block: np.ndarray) -> None:
+        block -= self.mean_
+        block /= self.scale_
+
+
+def validation_split(y, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): class-balanced, seeded held-out split of size n_val from the training labels (n_val=0: no val).
+
+    Each class gives a share of n_val proportional to its frequency (largest remainder), so balanced
+    labels give exactly n_val / n_classes per class. Both index arrays are sorted (cheap memmap reads).
+    """
+    y = np.asarray(y)
+    n = len(y)
+    if isinstance(n_val, bool) or not isinstance(n_val, (int, np.integer)) or n_val < 0:
+        raise KmfeatError(f"head.val: expected an integer >= 0, got {n_val!r}")
+    if n_val == 0:
+        return np.arange(n), np.empty(0, dtype=np.int64)
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if n_val > n - len(classes):
+        raise KmfeatError(f"head.val: {n_val} is too large for {n} training labels in {len(classes)} classes; "
+                          f"expected at most {n - len(classes)}")
+    exact = n_val * counts / n
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[: n_val - quota.sum()]] += 1
+    quota = np.minimum(quota, counts - 1)
+    while quota.sum() < n_val:
+        quota[np.argmax(counts - 1 - quota)] += 1
+    rng = np.random.default_rng(seed)
+    val = [rng.permutation(np.flatnonzero(inverse == c))[:q] for c, q in enumerate(quota)]
+    val_idx = np.sort(np.concatenate(val)).astype(np.int64)
+    mask = np.ones(n, bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), val_idx
+
+
+def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
+    """{"accuracy", "per_class_accuracy": {name: acc}, "confusion": [[...]] (rows = true, cols = predicted), "n"}
+
+    Labels are integer indices into `classes`. A class with no true samples gets accuracy None (JSON null).
+    """
+    y_true = np.asarray(y_true).astype(np.int64).ravel()
+    y_pred = np.asarray(y_pred).astype(np.int64).ravel()
+    k = len(classes)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
+    for name, arr in (("y_true", y_true), ("y_pred", y_pred)):
+        if arr.size and (arr.min() < 0 or arr.max() >= k):
+            raise ValueError(f"{name}: labels must be in 0..{k - 1} to index the {k} classes")
+    confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    support = confusion.sum(axis=1)
+    per_class = {str(name): (float(confusion[i, i] / support[i]) if support[i] else None)
+                 for i, name in enumerate(classes)}
+    n = int(len(y_true))
+    return {
+        "accuracy": float(np.trace(confusion) / n) if n else None,
+        "per_class_accuracy": per_class,
+        "confusion": confusion.tolist(),
+        "n": n,
+    }

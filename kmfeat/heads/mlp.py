@@ -1,0 +1,305 @@
+"""Dropout MLP head in torch: standardize -> Linear -> ReLU -> Dropout -> Linear, early-stopped on a val split."""
+import copy
+import math
+import os
+import time
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from torch import nn
+
+from kmfeat.errors import KmfeatError
+from kmfeat.heads.common import Standardizer, check_features, row_chunks
+from kmfeat.progress import bar
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
+EVAL_BATCH = 4096
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for head.device: auto = cuda if available, else cpu; cpu uses every core we may run on."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KmfeatError(f"head.device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KmfeatError(f"head.device: {device!r} asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise KmfeatError(f"head.device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return dev
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """Whether `dev` does bfloat16 matmuls in hardware (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier for 0-based `epoch`: cosine to 0, x0.1 steps at 50%/75%, or constant."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        return 0.1 ** ((epoch >= 0.5 * epochs) + (epoch >= 0.75 * epochs))
+    return 1.0
+
+
+def build_mlp(n_in: int, hidden: int, n_out: int, dropout: float, input_dropout: float) -> nn.Sequential:
+    """Dropout(input) -> Linear -> ReLU -> Dropout -> Linear (dropouts with p=0 are identities)."""
+    return nn.Sequential(nn.Dropout(input_dropout), nn.Linear(n_in, hidden), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Linear(hidden, n_out))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class MLPHead(ClassifierMixin, BaseEstimator):
+    """Standardize -> Linear -> ReLU -> Dropout(p) -> Linear, in torch, with early stopping on a validation set.
+
+    Epochs are numbered from 1 in `history_` and `best_epoch_`. precision="bf16" trains under bfloat16 autocast
+    (weights and optimizer state stay float32, the standardized training matrix is held in bfloat16); "auto" picks
+    bf16 where the device does it in hardware, else fp32 (the choice is kept in `precision_`). Evaluation and
+    prediction always run in float32.
+    """
+
+    def __init__(self, hidden=512, dropout=0.5, epochs=40, batch=256, lr=1e-3, weight_decay=1e-4,
+                 optimizer="adamw", schedule="cosine", patience=8, seed=0, device="auto", input_dropout=0.0,
+                 label_smoothing=0.0, precision="auto"):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch = batch
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.input_dropout = input_dropout
+        self.label_smoothing = label_smoothing
+        self.precision = precision
+
+    def _check_params(self) -> None:
+        checks = [
+            ("hidden", _is_int(self.hidden) and self.hidden >= 1, "an integer >= 1"),
+            ("dropout", _is_real(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            ("input_dropout", _is_real(self.input_dropout) and 0 <= self.input_dropout < 1, "a number in [0, 1)"),
+            ("epochs", _is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
+            ("batch", _is_int(self.batch) and self.batch >= 1, "an integer >= 1"),
+            ("lr", _is_real(self.lr) and self.lr > 0, "a number > 0"),
+            ("weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
+            ("optimizer", self.optimizer in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS)),
+            ("schedule", self.schedule in SCHEDULES, "one of " + ", ".join(SCHEDULES)),
+            ("patience", self.patience is None or (_is_int(self.patience) and self.patience >= 1),
+             "an integer >= 1 (or none to never stop early)"),
+            ("seed", _is_int(self.seed), "an integer"),
+            ("label_smoothing", _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+             "a number in [0, 1)"),
+            ("precision", self.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise KmfeatError(f"head.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    def _label_indices(self, y, name: str) -> np.ndarray:
+        y = np.asarray(y)
+        idx = np.searchsorted(self.classes_, y)
+        idx = np.minimum(idx, len(self.classes_) - 1)
+        unknown = self.classes_[idx] != y
+        if unknown.any():
+            raise KmfeatError(f"{name}: label {y[unknown][0]!r} does not occur in the training labels")
+        return idx.astype(np.int64)
+
+    def _make_optimizer(self, params):
+        """AdamW or Nesterov SGD, fused kernels where this torch build has them (several times faster on CPU)."""
+        cls, extra = (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}) if self.optimizer == "sgd" \
+            else (torch.optim.AdamW, {})
+        params = list(params)
+        try:
+            return cls(params, lr=self.lr, weight_decay=self.weight_decay, fused=True, **extra)
+        except (RuntimeError, TypeError, ValueError):
+            return cls(params, lr=self.lr, weight_decay=self.weight_decay, **extra)
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Trains on (X, y); picks the best epoch by validation accuracy (early stopping with `patience`) and restores
+        those weights. No validation set -> trains all epochs and keeps the last. The model never sees the test set.
+        learned: standardizer_, model_ (torch nn.Module, eval mode, on CPU), classes_, history_ (list of per-epoch dicts
+        {epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds}), best_epoch_, n_epochs_run_."""
+        self._check_params()
+        check_features(X, "train features")
+        if len(y) != X.shape[0]:
+            raise KmfeatError(f"train labels: {len(y)} labels for {X.shape[0]} feature rows")
+        if (X_val is None) != (y_val is None):
+            raise KmfeatError("validation split: X_val and y_val must be given together")
+        has_val = X_val is not None and len(X_val) > 0
+        if has_val and (X_val.ndim != 2 or X_val.shape[1] != X.shape[1] or len(y_val) != X_val.shape[0]):
+            raise KmfeatError(f"validation features: expected ({len(y_val)}, {X.shape[1]}), got {X_val.shape}")
+        dev = resolve_device(self.device)
+        self.classes_ = np.unique(np.asarray(y))
+        self.precision_ = self.precision if self.precision != "auto" else ("bf16" if native_bf16(dev) else "fp32")
+        self.n_features_in_ = X.shape[1]
+
+        Xtr = np.array(X, dtype=np.float32, copy=True, order="C")
+        self.standardizer_ = Standardizer().fit(Xtr)
+        self.standardizer_.transform_inplace(Xtr)
+        Xt = torch.from_numpy(Xtr)
+        if self.precision_ == "bf16":
+            Xt = Xt.to(torch.bfloat16)
+            del Xtr
+        Xt = self._to_device(Xt, dev)
+        yt = torch.from_numpy(self._label_indices(y, "train labels")).to(Xt.device)
+        if has_val:
+            Xv = torch.from_numpy(self.standardizer_.transform(X_val))
+            yv = torch.from_numpy(self._label_indices(y_val, "validation labels"))
+
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            model = build_mlp(X.shape[1], self.hidden, len(self.classes_), self.dropout, self.input_dropout).to(dev)
+            self._train(model, Xt, yt, Xv if has_val else None, yv if has_val else None, dev)
+        return self
+
+    @staticmethod
+    def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """Move the whole training matrix to the GPU when it fits comfortably; otherwise keep it in RAM."""
+        if dev.type == "cuda" and t.numel() * t.element_size() < 0.6 * torch.cuda.mem_get_info(dev)[0]:
+            return t.to(dev)
+        return t
+
+    def _train(self, model, Xt, yt, Xv, yv, dev) -> None:
+        opt = self._make_optimizer(model.parameters())
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        gen = torch.Generator(device=Xt.device).manual_seed(self.seed)
+        n = Xt.shape[0]
+        buf = torch.empty((min(self.batch, n), Xt.shape[1]), dtype=Xt.dtype, device=Xt.device)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision_ == "bf16")
+        self.history_, best_acc, best_state, self.best_epoch_ = [], -1.0, None, None
+        epochs = bar(range(self.epochs), desc="mlp", unit="epoch")
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            lr = self.lr * lr_factor(self.schedule, epoch, self.epochs)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            perm = torch.randperm(n, generator=gen, device=Xt.device)
+            for start in range(0, n, self.batch):
+                idx = perm[start:start + self.batch]
+                xb = torch.index_select(Xt, 0, idx, out=buf[:len(idx)]).to(dev, non_blocking=True)
+                yb = yt[idx].to(dev, non_blocking=True)
+                with autocast:
+                    logits = model(xb)
+                    loss = loss_fn(logits.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == yb).sum()
+            row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "train_acc": float(correct) / n,
+                   "val_loss": None, "val_acc": None, "lr": lr}
+            if Xv is not None:
+                row["val_loss"], row["val_acc"] = self._evaluate(model, Xv, yv, loss_fn, dev)
+                if row["val_acc"] > best_acc:
+                    best_acc, self.best_epoch_ = row["val_acc"], epoch + 1
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            row["seconds"] = time.perf_counter() - t0
+            self.history_.append(row)
+            epochs.set_postfix({k: round(row[k], 4) for k in ("train_loss", "train_acc", "val_acc")
+                                if row[k] is not None})
+            if Xv is not None and self.patience is not None and epoch + 1 - self.best_epoch_ >= self.patience:
+                break
+        self.n_epochs_run_ = len(self.history_)
+        if best_state is None:
+            self.best_epoch_ = self.n_epochs_run_
+        else:
+            model.load_state_dict(best_state)
+        self.model_ = model.to("cpu").eval()
+
+    @staticmethod
+    @torch.no_grad()
+    def _evaluate(model, Xv, yv, loss_fn, dev) -> tuple[float, float]:
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        for a, b in row_chunks(Xv.shape[0], EVAL_BATCH):
+            logits = model(Xv[a:b].to(dev))
+            yb = yv[a:b].to(dev)
+            loss_sum += float(loss_fn(logits, yb)) * (b - a)
+            correct += int((logits.argmax(1) == yb).sum())
+        return loss_sum / Xv.shape[0], correct / Xv.shape[0]
+
+    @torch.no_grad()
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (N, n_classes), float32, in eval mode (dropout off), batched so a memmap is fine."""
+        dev = resolve_device(self.device)
+        model = self.model_ if dev.type == "cpu" else copy.deepcopy(self.model_).to(dev)
+        model.eval()
+        out = np.empty((X.shape[0], len(self.classes_)), np.float32)
+        self.standardizer_._check_width(X)
+        for a, b in row_chunks(X.shape[0], EVAL_BATCH):
+            xb = torch.from_numpy(self.standardizer_.transform(X[a:b])).to(dev)
+            out[a:b] = torch.softmax(model(xb), dim=1).cpu().numpy()
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels (values from classes_)."""
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def save(self, path) -> None:
+        """torch.save of params, weights, standardizer arrays, classes and training history."""
+        torch.save({
+            "format": "kmfeat.MLPHead/1",
+            "params": self.get_params(),
+            "state_dict": self.model_.state_dict(),
+            "mean": torch.from_numpy(self.standardizer_.mean_),
+            "scale": torch.from_numpy(self.standardizer_.scale_),
+            "var": torch.from_numpy(self.standardizer_.var_),
+            "eps": self.standardizer_.eps,
+            "classes": torch.from_numpy(np.asarray(self.classes_)),
+            "history": self.history_,
+            "best_epoch": self.best_epoch_,
+            "n_epochs_run": self.n_epochs_run_,
+            "precision": self.precision_,
+        }, path)
+
+    @classmethod
+    def load(cls, path) -> "MLPHead":
+        """Rebuild a fitted MLPHead written by save() (weights only: no pickled code is run)."""
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise KmfeatError(f"{path}: not a readable MLPHead file ({first})") from None
+        if not isinstance(blob, dict) or blob.get("format") != "kmfeat.MLPHead/1":
+            raise KmfeatError(f"{path}: not an MLPHead file written by MLPHead.save")
+        head = cls(**blob["params"])
+        std = Standardizer(eps=blob["eps"])
+        std.mean_, std.scale_, std.var_ = (blob[k].numpy() for k in ("mean", "scale", "var"))
+        std.n_features_in_ = std.mean_.shape[0]
+        head.standardizer_, head.n_features_in_ = std, std.n_features_in_
+        head.classes_ = blob["classes"].numpy()
+        head.model_ = build_mlp(head.n_features_in_, head.hidden, len(head.classes_), head.dropout, head.input_dropout)
+        head.model_.load_state_dict(blob["state_dict"])
+        head.model_.eval()
+        head.history_, head.best_epoch_, head.n_epochs_run_ = blob["history"], blob["best_epoch"], blob["n_epochs_run"]
+        head.precision_ = blob["precision"]
+        return head

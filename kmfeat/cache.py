@@ -2,9 +2,12 @@
 
 key = hash of the canonical JSON of {stage, params, input keys, format version}.
 Writes are atomic: a stage builds its output in cache/<stage>/.tmp-<key>/ while holding a
-per-key lock, then renames it into place; the manifest (with a checksum of every array) is
+per-key lock (flock on cache/.locks/<stage>-<key>.lock, released by the OS when a process
+dies), then fsyncs and renames it into place; the manifest (with a checksum of every array) is
 written last, so a folder without a valid manifest is never taken for a result. The temp
 folder's name depends only on the key, so a stage that checkpoints (encode) can resume it.
+Unfinished folders are removed by `Store.gc` / `Store.clean_leftovers`, never while their
+key's lock is held by a running process.
 """
 from __future__ import annotations
 
@@ -62,9 +65,37 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""errnos of a write that ran out of room: disk full, file size limit (ulimit -f), quota."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
 def disk_full_error(exc: OSError, where) -> KmfeatError:
-    return KmfeatError(f"{where}: disk full (no space left on device); free space or set --cache-dir "
-                       f"elsewhere, then rerun (no partial result was kept)")
+    """The one-line error for a write that ran out of room (ENOSPC, EFBIG or EDQUOT)."""
+    what = {errno.EFBIG: "file size limit (ulimit -f) reached",
+            errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, "no space left on device")
+    return KmfeatError(f"{where}: disk full while writing ({what}); free space or use --cache-dir "
+                       f"on a larger disk, then rerun (no partial result was kept)")
+
+
+class _Sink:
+    """A file seen by numpy as a plain stream: it then writes through `write`, so a full disk
+    raises OSError with its errno (ndarray.tofile reports only "n requested and m written")."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def free_bytes(path: Path) -> int:
+    """Space left for unprivileged writes on the filesystem holding `path` (or its parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -93,7 +124,8 @@ class Entry:
         """Load an array, refusing a file whose size, header or checksum differs from the manifest."""
         info = self.manifest.get("arrays", {}).get(name)
         path = self.path / f"{name}.npy"
-        fix = f"rebuild it with `kmfeat cache rm {self.stage} {self.key}` or rerun with --force"
+        fix = (f"rebuild it: `kmfeat cache rm {self.stage} {self.key}` then rerun, or rerun "
+               f"`kmfeat {self.stage} ... --force`")
         if info is None:
             raise KmfeatError(f"{path}: not part of this {self.stage} entry")
         if not path.is_file():
@@ -113,14 +145,20 @@ class Entry:
 
 
 class Writer:
-    """Builds one entry in its temp folder; `commit` makes it visible atomically."""
+    """Builds one entry in its temp folder; `commit` makes it visible atomically.
+
+    With resume=True an existing temp folder of the same key is kept, so a checkpointing
+    stage can continue it; `created` names the arrays `open_array` had to start afresh.
+    """
 
     def __init__(self, store: Store, stage: str, key: str, params: dict, inputs: dict, resume: bool):
         self.store, self.stage, self.key = store, stage, key
         self.params, self.inputs = params, inputs
         self.dir = store.root / stage / f".tmp-{key}"
         self.meta: dict = {}
+        self.created: set[str] = set()
         self._arrays: list[str] = []
+        self._scratch: set[str] = set()
         self._start = time.time()
         if self.dir.exists() and not resume:
             shutil.rmtree(self.dir)
@@ -130,9 +168,16 @@ class Writer:
         """Where to put an extra file (plot, model) that becomes part of the entry."""
         return self.dir / filename
 
+    def scratch(self, filename: str) -> Path:
+        """A checkpoint file that survives a crash with the temp folder but is not part of the
+        entry: left out of the manifest and deleted once the entry is committed."""
+        self._scratch.add(filename)
+        return self.dir / filename
+
     def save(self, name: str, array) -> None:
         """Write a whole array as <name>.npy."""
-        np.save(self.dir / f"{name}.npy", np.asarray(array), allow_pickle=False)
+        with open(self.dir / f"{name}.npy", "wb") as f:
+            np.lib.format.write_array(_Sink(f), np.asarray(array), allow_pickle=False)
         self._track(name)
 
     def _track(self, name: str) -> None:
@@ -140,7 +185,11 @@ class Writer:
             self._arrays.append(name)
 
     def open_array(self, name: str, shape, dtype) -> np.memmap:
-        """A writable .npy memmap to stream into; reopened as is when resuming."""
+        """A writable .npy memmap to stream into; reopened as is when resuming.
+
+        A new file gets its blocks allocated up front, so a full disk fails here with ENOSPC
+        instead of killing the process with SIGBUS when a page of the map is written.
+        """
         path = self.dir / f"{name}.npy"
         shape = tuple(int(s) for s in shape)
         if path.exists():
@@ -153,6 +202,15 @@ class Writer:
                 pass
             path.unlink()
         arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        finally:
+            os.close(fd)
+        self.created.add(name)
         self._track(name)
         return arr
 
@@ -166,13 +224,15 @@ class Writer:
             arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
                             "bytes": path.stat().st_size, "digest": file_digest(path)}
             del arr
-        for path in self.dir.iterdir():
-            if path.is_file() and path.suffix != ".npy":
-                _fsync_file(path)
+        files = sorted(p.name for p in self.dir.iterdir() if p.is_file()
+                       and p.name not in self._scratch and p.name not in (MANIFEST, MANIFEST + ".part"))
+        for name in files:
+            if not name.endswith(".npy"):
+                _fsync_file(self.dir / name)
         manifest = {
             "stage": self.stage, "key": self.key, "params": self.params, "inputs": self.inputs,
             "kmfeat_version": __version__, "format": FORMAT_VERSION, "arrays": arrays,
-            "files": sorted(p.name for p in self.dir.iterdir() if p.is_file()),
+            "files": files,
             "seconds": round(time.time() - self._start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "meta": self.meta,
@@ -182,14 +242,17 @@ class Writer:
         _fsync_file(tmp)
         os.rename(tmp, self.dir / MANIFEST)
         _fsync_dir(self.dir)
-        final = self.store.root / self.stage / self.key
-        try:
-            os.rename(self.dir, final)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            shutil.rmtree(self.dir)
+        final = self.store.entry_dir(self.stage, self.key)
+        old = final.parent / f".old-{self.key}"
+        if final.exists():
+            # --force, or a damaged folder: moved aside first so the rename below cannot fail
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(self.dir, final)
         _fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        for name in self._scratch:
+            (final / name).unlink(missing_ok=True)
         return self.store.get(self.stage, self.key)
 
     def abort(self) -> None:
@@ -223,17 +286,22 @@ class Store:
         return path
 
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str, blocking: bool = True):
+    def lock(self, stage: str, key: str, blocking: bool = True, on_wait=None):
         """Exclusive per-key lock (flock: released by the OS if the process dies).
 
         Yields True when held; with blocking=False yields False if another process holds it.
+        `on_wait()` is called once before blocking on a lock another process holds.
         """
         with open(self._lock_path(stage, key), "a+") as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                yield False
-                return
+                if not blocking:
+                    yield False
+                    return
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield True
             finally:
@@ -243,50 +311,51 @@ class Store:
         """Call with the key's lock held."""
         return Writer(self, stage, key, params, inputs, resume)
 
-    def entries(self, stage: str | None = None) -> list[Entry]:
-        out = []
+    def _valid(self, stage: str, key: str) -> Entry | None:
+        try:
+            return self.get(stage, key)
+        except KmfeatError:
+            return None
+
+    def _folders(self, stage: str | None = None):
+        """(stage, folder) of every folder under the stage directories."""
         if not self.root.is_dir():
-            return out
+            return
         for stage_dir in sorted(self.root.iterdir()):
             if not stage_dir.is_dir() or stage_dir.name.startswith(".") or stage and stage_dir.name != stage:
                 continue
             for path in sorted(stage_dir.iterdir()):
-                if path.is_dir() and not path.name.startswith("."):
-                    entry = self.get(stage_dir.name, path.name)
-                    if entry is not None:
-                        out.append(entry)
+                if path.is_dir():
+                    yield stage_dir.name, path
+
+    def entries(self, stage: str | None = None) -> list[Entry]:
+        """Finished entries (folders with a readable manifest)."""
+        out = []
+        for stage_name, path in self._folders(stage):
+            if not path.name.startswith("."):
+                entry = self._valid(stage_name, path.name)
+                if entry is not None:
+                    out.append(entry)
         return out
 
     def leftovers(self) -> list[tuple[str, str, Path]]:
-        """Temp folders of unfinished writes, and folders without a manifest: (stage, key, path)."""
+        """Unfinished writes (.tmp-<key>), entries moved aside while being replaced (.old-<key>),
+        and folders without a readable manifest: (stage, key, path)."""
         out = []
-        if not self.root.is_dir():
-            return out
-        for stage_dir in sorted(self.root.iterdir()):
-            if not stage_dir.is_dir() or stage_dir.name.startswith("."):
-                continue
-            for path in sorted(stage_dir.iterdir()):
-                if not path.is_dir():
-                    continue
-                if path.name.startswith(".tmp-"):
-                    out.append((stage_dir.name, path.name[5:], path))
-                elif not (path / MANIFEST).exists():
-                    out.append((stage_dir.name, path.name, path))
+        for stage_name, path in self._folders():
+            for prefix in (".tmp-", ".old-"):
+                if path.name.startswith(prefix):
+                    out.append((stage_name, path.name[len(prefix):], path))
+                    break
+            else:
+                if not path.name.startswith(".") and self._valid(stage_name, path.name) is None:
+                    out.append((stage_name, path.name, path))
         return out
 
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    def gc(self, keep: set[tuple[str, str]] | None = None, dry_run: bool = False) -> list[Path]:
-        """Remove unfinished temp folders not being written, and (if `keep` is given) entries not in it.
-
-        Folders whose key lock is held by a running process are never touched.
-        """
-        doomed = []
-        for stage, key, path in self.leftovers():
-            doomed.append((stage, key, path))
-        if keep is not None:
-            doomed += [(e.stage, e.key, e.path) for e in self.entries() if (e.stage, e.key) not in keep]
+    def _remove_unlocked(self, doomed, dry_run: bool = False) -> list[Path]:
         removed = []
         for stage, key, path in doomed:
             with self.lock(stage, key, blocking=False) as held:
@@ -296,3 +365,19 @@ class Store:
                     self.remove(path)
                 removed.append(path)
         return removed
+
+    def clean_leftovers(self, keep_tmp: tuple[str, ...] = ()) -> list[Path]:
+        """Remove leftovers of interrupted runs that no process is writing, except the temp
+        folders of the stages in `keep_tmp` (checkpoints a later run resumes)."""
+        return self._remove_unlocked([(s, k, p) for s, k, p in self.leftovers()
+                                      if not (s in keep_tmp and p.name.startswith(".tmp-"))])
+
+    def gc(self, keep: set[tuple[str, str]] | None = None, dry_run: bool = False) -> list[Path]:
+        """Remove unfinished temp folders not being written, and (if `keep` is given) entries not in it.
+
+        Folders whose key lock is held by a running process are never touched.
+        """
+        doomed = self.leftovers()
+        if keep is not None:
+            doomed += [(e.stage, e.key, e.path) for e in self.entries() if (e.stage, e.key) not in keep]
+        return self._remove_unlocked(doomed, dry_run)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,17 +42,21 @@ def _runner(ctx: click.Context, pipeline, data, overrides, force_stage=None):
 
     cfg = config.load(pipeline, overrides, data)
     force = frozenset([force_stage]) if force_stage else frozenset()
-    return Runner(cfg, Store(ctx.obj["cache_dir"]), force=force)
+    return Runner(cfg, Store(ctx.obj["cache_dir"]), force=force, quiet=ctx.obj["quiet"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kmfeat")
 @click.option("--cache-dir", envvar="KMFEAT_CACHE", default="cache", show_default=True,
               type=click.Path(file_okay=False), help="Stage store root (env KMFEAT_CACHE).")
+@click.option("-q", "--quiet", is_flag=True, help="No stage status lines on stderr (warnings and errors only).")
 @click.pass_context
-def cli(ctx: click.Context, cache_dir: str) -> None:
-    """kmfeat: Coates-style unsupervised feature learning on images, as cached stages."""
-    ctx.obj = {"cache_dir": cache_dir}
+def cli(ctx: click.Context, cache_dir: str, quiet: bool) -> None:
+    """kmfeat: Coates-style unsupervised feature learning on images, as cached stages.
+
+    Errors exit with status 2, Ctrl-C with 130; an interrupted `encode` resumes when rerun.
+    """
+    ctx.obj = {"cache_dir": cache_dir, "quiet": quiet}
 
 
 def _stage_command(name: str):
@@ -124,10 +129,13 @@ def export(ctx, pipeline, data, overrides, force, out):
         raise KmfeatError("features not computed yet for this pipeline; run `kmfeat encode` first")
     out = Path(out)
     tmp = out.with_name(out.name + ".part.npz")
-    np.savez(tmp, X_train=entry.array("train"), y_train=entry.array("train_y"),
-             X_test=entry.array("test"), y_test=entry.array("test_y"),
-             classes=np.array(entry.meta["classes"]))
-    os.replace(tmp, out)
+    try:
+        np.savez(tmp, X_train=entry.array("train"), y_train=entry.array("train_y"),
+                 X_test=entry.array("test"), y_test=entry.array("test_y"),
+                 classes=np.array(entry.meta["classes"]))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     click.echo(f"export: {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -201,7 +209,7 @@ def cache_rm(ctx, stage, key):
     path = store.entry_dir(stage, key)
     if not path.exists():
         raise KmfeatError(f"{path}: no such entry (see `kmfeat cache ls`)")
-    with store.lock(stage, key):
+    with store.lock(stage, key, on_wait=lambda: click.echo(f"waiting for the run writing {path} ...", err=True)):
         store.remove(path)
     click.echo(f"removed {path}")
 
@@ -232,8 +240,24 @@ def info(ctx):
     click.echo(f"cache dir {Path(ctx.obj['cache_dir']).resolve()}")
 
 
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError that escaped the stages (unreadable file, full disk)."""
+    from .cache import disk_full_error, is_disk_full
+
+    where = exc.filename or "kmfeat"
+    if is_disk_full(exc):
+        return str(disk_full_error(exc, where))
+    return f"{where}: {exc.strerror or exc}"
+
+
 def main(argv=None) -> None:
-    """Entry point: user mistakes end with one line and exit status 2, Ctrl-C with 130."""
+    """Entry point: user mistakes end with one line and exit status 2, Ctrl-C with 130.
+
+    SIGXFSZ is ignored so that a file size limit (ulimit -f) fails a write with EFBIG, reported
+    like a full disk, instead of killing the process.
+    """
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cli.main(args=argv, prog_name="kmfeat", standalone_mode=False)
     except click.exceptions.Abort:
@@ -248,6 +272,12 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted; rerun the same command to resume.", err=True)
         sys.exit(130)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"Error: {_os_error(exc)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class PoolConfig:
 
 @dataclass
 class HeadConfig:
-    """Classifier on the cached features: the torch MLP or any scikit-learn classifier."""
-    kind: Literal["mlp", "sklearn"] = "mlp"
+    """Classifier on the cached features: the torch dropout MLP, the torch linear L2-SVM
+    (C from grid.C, chosen on val) or any scikit-learn classifier (estimator + params + grid)."""
+    kind: Literal["mlp", "svm", "sklearn"] = "mlp"
     val: int = 5000
     seed: int = 0
     hidden: int = 512

@@ -1,11 +1,17 @@
 """The stage graph (which stage needs which, with which params) and the runner that resolves,
 caches and runs stages. Stage bodies only adapt cached arrays to the pure functions of the
 other modules; heavy modules are imported inside them so `kmfeat data` stays light.
+
+Failure handling: a stage that fails with a user mistake (KmfeatError) or a full disk leaves
+nothing in the cache; one that is interrupted (Ctrl-C, kill, crash) leaves its temp folder,
+which the next run removes, except for `encode`, which checkpoints every shard of SHARD images
+(env KMFEAT_SHARD overrides it, e.g. to test resuming on tiny data) and resumes from there.
 """
 from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +19,29 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import Entry, Store, Writer, disk_full_error, make_key
+from .cache import Entry, Store, Writer, disk_full_error, free_bytes, is_disk_full, make_key
 from .config import PipelineConfig
 from .errors import KmfeatError
 from .progress import bar, say
 
 ORDER = ["data", "patches", "whiten", "kmeans", "encode", "train"]
 SHARD = 2000
+LOW_SPACE = 1 << 20
+"""A stage that fails with less free space than this on the cache disk is reported as disk full."""
+
+
+def shard_size() -> int:
+    """Images per encode checkpoint: $KMFEAT_SHARD if set, else SHARD."""
+    text = os.environ.get("KMFEAT_SHARD", "").strip()
+    if not text:
+        return SHARD
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise KmfeatError(f"KMFEAT_SHARD: got {text!r}, expected a positive integer (images per encode checkpoint)")
+    return value
 
 
 @dataclass
@@ -27,6 +49,7 @@ class Context:
     cfg: PipelineConfig
     inputs: dict[str, Entry]
     out: Writer
+    log: Callable[[str], None] = say
 
 
 @dataclass(frozen=True)
@@ -38,11 +61,20 @@ class Stage:
     resumable: bool = False
 
 
+def _unreadable(path: str, exc: OSError) -> KmfeatError:
+    where = exc.filename if exc.filename and str(exc.filename) != str(path) else "it"
+    return KmfeatError(f"data path {path}: cannot read {where} ({exc.strerror or exc}); "
+                       f"check that it exists and is readable")
+
+
 def _data_params(cfg: PipelineConfig) -> dict:
     from .data import fingerprint
 
     d = cfg.data
-    origin = fingerprint(d.path) if d.path else f"official:{d.source}"
+    try:
+        origin = fingerprint(d.path) if d.path else f"official:{d.source}"
+    except OSError as exc:
+        raise _unreadable(d.path, exc) from None
     return {"source": d.source, "origin": origin, "resize": d.resize,
             "limit_train": d.limit_train, "limit_test": d.limit_test, "seed": d.seed}
 
@@ -51,8 +83,13 @@ def _compute_data(ctx: Context) -> str:
     from .data import load_dataset
 
     d = ctx.cfg.data
-    ds = load_dataset(d.source, d.path or None, resize=tuple(d.resize) or None,
-                      limit_train=d.limit_train, limit_test=d.limit_test, seed=d.seed)
+    try:
+        ds = load_dataset(d.source, d.path or None, resize=tuple(d.resize) or None,
+                          limit_train=d.limit_train, limit_test=d.limit_test, seed=d.seed)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+        raise _unreadable(d.path, exc) from None
     for name in ("train_x", "train_y", "test_x", "test_y"):
         ctx.out.save(name, getattr(ds, name))
     ctx.out.meta["classes"] = list(ds.classes)
@@ -82,7 +119,11 @@ def _compute_whiten(ctx: Context) -> str:
     from .whiten import Whitener
 
     w = ctx.cfg.whiten
-    whitener = Whitener(method=w.method, eps=w.eps).fit(ctx.inputs["patches"].array("patches"))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked just below
+        whitener = Whitener(method=w.method, eps=w.eps).fit(ctx.inputs["patches"].array("patches"))
+    if not (np.isfinite(whitener.W_).all() and np.isfinite(whitener.mean_).all()):
+        raise KmfeatError(f"whiten.eps: the whitening matrix has NaN or inf: eps = {w.eps:g} is too small for "
+                          f"these patches (constant images?); use a larger whiten.eps, e.g. 0.1")
     ctx.out.save("mean", whitener.mean_)
     ctx.out.save("matrix", whitener.W_)
     ctx.out.save("eigenvalues", whitener.eigenvalues_)
@@ -114,6 +155,8 @@ def _compute_kmeans(ctx: Context) -> str:
     z = whitener.transform(ctx.inputs["patches"].array("patches"))
     km = KMeans(k=k.k, iters=k.iters, seed=k.seed, backend=k.backend, device=k.device,
                 init=k.init).fit(z)
+    if not np.isfinite(km.centroids_).all():
+        raise KmfeatError("kmeans: the centroids contain NaN or inf; check whiten.eps and the input images")
     ctx.out.save("centroids", km.centroids_)
     ctx.out.save("counts", km.counts_)
     ctx.out.meta.update(inertia=float(km.inertia_), backend=km.backend_, device=km.device_,
@@ -142,55 +185,106 @@ def make_encoder(cfg: PipelineConfig, whiten: Entry, kmeans: Entry):
                    device=e.device, batch=e.batch or None)
 
 
-def _encode_split(ctx: Context, encoder, name: str, images: np.ndarray, flip: bool) -> None:
-    """Encode one split shard by shard into a .npy memmap; finished shards are recorded in
-    progress-<name>.json after a flush, so a killed run resumes where it stopped."""
+def encode_batch(encoder, image_shape) -> int:
+    """Images per encoder batch, fixed by the image size, k and the device (never by free memory),
+    so that a resumed encode computes every shard exactly as an uninterrupted run does."""
+    from .encode import BATCH_BYTES
+
+    _, H, W, C = image_shape
+    ny, nx = (H - encoder.rf) // encoder.stride + 1, (W - encoder.rf) // encoder.stride + 1
+    per_image = 4 * (max(ny, 1) * max(nx, 1) * (3 * encoder.d_ + 2) + H * W * C
+                     + 2 * encoder.grid ** 2 * encoder.k_)
+    return int(max(1, BATCH_BYTES[encoder.device_] // per_image))
+
+
+@dataclass
+class _Split:
+    """One split to encode: its memmap, checkpoint file and the shards already finished."""
+    name: str
+    images: np.ndarray
+    flip: bool
+    out: np.memmap
+    record: Path
+    settings: dict
+    done: set[int]
+
+    def shard_len(self, start: int) -> int:
+        return min(self.settings["shard"], len(self.images) - start)
+
+
+def _open_split(ctx: Context, encoder, name: str, images: np.ndarray, flip: bool, settings: dict) -> _Split:
+    """Open (or reopen) a split's output and read its checkpoint; a checkpoint written with
+    other settings, or for an output that had to be recreated, is discarded."""
     out = ctx.out.open_array(name, (len(images), encoder.n_features), np.float32)
-    record = ctx.out.path(f"progress-{name}.json")
-    done = set(json.loads(record.read_text())) if record.exists() else set()
-    shards = [s for s in range(0, len(images), SHARD) if s not in done]
-    with bar(total=len(images), initial=len(images) - sum(min(SHARD, len(images) - s) for s in shards),
-             desc=f"encode {name}", unit="img") as progress:
-        for start in shards:
-            stop = min(start + SHARD, len(images))
-            feats = encoder.transform(np.asarray(images[start:stop]), flip=flip)
-            if not np.isfinite(feats).all():
-                raise KmfeatError(f"encode: features of {name} images {start}-{stop} contain NaN or "
-                                  f"inf; check the whitening (whiten.eps) and the input images")
-            out[start:stop] = feats
-            out.flush()
-            done.add(start)
-            tmp = record.with_suffix(".part")
-            tmp.write_text(json.dumps(sorted(done)))
-            tmp.replace(record)
+    record = ctx.out.scratch(f"progress-{name}.json")
+    ctx.out.scratch(f"progress-{name}.json.part")
+    done: set[int] = set()
+    if record.exists() and name not in ctx.out.created:
+        try:
+            saved = json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            saved = {}
+        if isinstance(saved, dict) and saved.get("settings") == settings:
+            done = {int(s) for s in saved.get("done", [])}
+        else:
+            ctx.log(f"encode: {name}: the interrupted run used other settings; encoding it again")
+    return _Split(name, images, flip, out, record, settings, done)
+
+
+def _encode_split(split: _Split, encoder) -> None:
+    """Encode a split shard by shard into its memmap; each finished shard is flushed, then
+    recorded in the checkpoint (write + atomic rename), so a killed run resumes after it."""
+    n, step = len(split.images), split.settings["shard"]
+    todo = [s for s in range(0, n, step) if s not in split.done]
+    with bar(total=n, initial=n - sum(split.shard_len(s) for s in todo), desc=f"encode {split.name}",
+             unit="img") as progress:
+        for start in todo:
+            stop = start + split.shard_len(start)
+            for a, b, feats in encoder.iter_transform(split.images[start:stop], flip=split.flip,
+                                                      batch=split.settings["batch"]):
+                if not np.isfinite(feats).all():
+                    raise KmfeatError(f"encode: features of {split.name} images {start + a}-{start + b} contain "
+                                      f"NaN or inf; check the whitening (whiten.eps) and the input images")
+                split.out[start + a:start + b] = feats
+            split.out.flush()
+            split.done.add(start)
+            part = split.record.with_name(split.record.name + ".part")
+            part.write_text(json.dumps({"settings": split.settings, "done": sorted(split.done)}))
+            part.replace(split.record)
             progress.update(stop - start)
-    del out
-    record.unlink()
 
 
 def _compute_encode(ctx: Context) -> str:
     data = ctx.inputs["data"]
     encoder = make_encoder(ctx.cfg, ctx.inputs["whiten"], ctx.inputs["kmeans"])
     train_x, test_x = data.array("train_x"), data.array("test_x")
+    settings = {"shard": shard_size(), "batch": ctx.cfg.encode.batch or encode_batch(encoder, train_x.shape),
+                "device": encoder.device_, "compiled": bool(encoder.compile_)}
     splits = [("train", train_x, False), ("test", test_x, False)]
     if ctx.cfg.encode.flip_train:
         splits.insert(1, ("train_flip", train_x, True))
-    for name, images, flip in splits:
-        _encode_split(ctx, encoder, name, images, flip)
+    opened = [_open_split(ctx, encoder, name, images, flip, settings) for name, images, flip in splits]
+    total = sum(len(s.images) for s in opened)
+    done = sum(s.shard_len(start) for s in opened for start in s.done)
+    if done:
+        ctx.log(f"encode: resuming, {done:,}/{total:,} images already done")
+    for split in opened:
+        _encode_split(split, encoder)
     ctx.out.save("train_y", data.array("train_y"))
     ctx.out.save("test_y", data.array("test_y"))
     ctx.out.meta.update(classes=data.meta["classes"], n_features=encoder.n_features,
                         splits=[s[0] for s in splits])
-    n = sum(len(s[1]) for s in splits)
-    return f"{n:,} images -> {encoder.n_features:,} features ({n * encoder.n_features * 4 / 1e9:.2f} GB)"
+    return f"{total:,} images -> {encoder.n_features:,} features ({total * encoder.n_features * 4 / 1e9:.2f} GB)"
 
 
 def _train_params(cfg: PipelineConfig) -> dict:
     h = cfg.section("head")
     h.pop("device")
     mlp_only = ["hidden", "dropout", "input_dropout", "epochs", "batch", "lr", "weight_decay",
-                "optimizer", "schedule", "patience", "label_smoothing"]
-    for name in (mlp_only if h["kind"] == "sklearn" else ["estimator", "params", "grid"]):
+                "optimizer", "schedule", "patience", "label_smoothing", "precision"]
+    unused = {"mlp": ["estimator", "params", "grid"], "svm": mlp_only + ["estimator"],
+              "sklearn": mlp_only}[h["kind"]]
+    for name in unused:
         h.pop(name)
     return h
 
@@ -223,12 +317,21 @@ def _human_bytes(n: float) -> str:
 
 class Runner:
     """Resolves a stage and its dependencies for one pipeline: cached entries are reused,
-    missing ones computed under a per-key lock and committed atomically."""
+    missing ones computed under a per-key lock and committed atomically. The first `run`
+    removes what interrupted runs left behind (except encode checkpoints, which are resumed).
+    `quiet` drops the status lines (warnings and errors still show)."""
 
-    def __init__(self, cfg: PipelineConfig, store: Store, force: frozenset[str] = frozenset()):
+    def __init__(self, cfg: PipelineConfig, store: Store, force: frozenset[str] = frozenset(),
+                 quiet: bool = False):
         self.cfg, self.store, self.force = cfg, store, set(force)
+        self.quiet = quiet
         self._keys: dict[str, str] = {}
         self._done: dict[str, Entry] = {}
+        self._cleaned = False
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            say(msg)
 
     def key(self, name: str) -> str:
         if name not in self._keys:
@@ -247,7 +350,16 @@ class Runner:
         """(stage, key) of every stage up to `upto`: what gc keeps for this pipeline."""
         return {(name, self.key(name)) for name in ORDER[: ORDER.index(upto) + 1]}
 
+    def _clean(self) -> None:
+        self._cleaned = True
+        keep = tuple(name for name, stage in STAGES.items() if stage.resumable)
+        removed = self.store.clean_leftovers(keep_tmp=keep)
+        if removed:
+            self.log(f"cache: removed {len(removed)} unfinished folder(s) left by interrupted runs")
+
     def run(self, name: str) -> Entry:
+        if not self._cleaned:
+            self._clean()
         if name in self._done:
             return self._done[name]
         stage = STAGES[name]
@@ -255,43 +367,52 @@ class Runner:
         key = self.key(name)
         entry = None if name in self.force else self.store.get(name, key)
         if entry is None:
-            with self.store.lock(name, key):
+            def waiting():
+                self.log(f"{name}: another run is computing this entry ({key}); waiting for it ...")
+            with self.store.lock(name, key, on_wait=waiting):
                 entry = None if name in self.force else self.store.get(name, key)
                 if entry is None:
                     entry = self._compute(stage, key, inputs)
                     self.force.discard(name)
                 else:
-                    say(f"{name}: cached (computed by another run) -> {entry.path}")
+                    self.log(f"{name}: cached (computed by another run) -> {entry.path}")
         else:
-            say(f"{name}: cached -> {entry.path}")
+            self.log(f"{name}: cached -> {entry.path}")
         self._done[name] = entry
         return entry
 
     def _compute(self, stage: Stage, key: str, inputs: dict[str, Entry]) -> Entry:
-        old = self.store.get(stage.name, key)
-        if old is not None:
-            self.store.remove(old.path)
+        """Run a stage body into a fresh (or, for a resumable stage, resumed) temp folder and
+        commit it. User mistakes and a full disk leave nothing; an interruption of a resumable
+        stage keeps its checkpoint."""
         params = stage.params(self.cfg)
         writer = self.store.writer(stage.name, key, params, self.input_keys(stage.name),
-                                   resume=stage.resumable)
-        say(f"{stage.name}: computing ({key}) ...")
+                                   resume=stage.resumable and stage.name not in self.force)
+        self.log(f"{stage.name}: computing ({key}) ...")
         start = time.time()
         try:
-            summary = stage.compute(Context(self.cfg, inputs, writer))
+            summary = stage.compute(Context(self.cfg, inputs, writer, self.log))
             entry = writer.commit()
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+        except KmfeatError:
+            writer.abort()
+            raise
+        except Exception as exc:
+            # libraries that lose the errno of a failed write (numpy's tofile, torch.save) are
+            # caught by looking at the space left
+            full = exc if is_disk_full(exc) else None
+            if full is None and free_bytes(self.store.root) < LOW_SPACE:
+                full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if full is not None or not stage.resumable:
                 writer.abort()
-                raise disk_full_error(exc, writer.dir) from None
-            if not stage.resumable:
-                writer.abort()
+            if full is not None:
+                raise disk_full_error(full, self.store.root / stage.name) from None
             raise
         except BaseException:
             if not stage.resumable:
                 writer.abort()
             raise
-        say(f"{stage.name}: {summary}; {time.time() - start:.1f} s, "
-            f"{_human_bytes(entry.size_bytes())} -> {entry.path}")
+        self.log(f"{stage.name}: {summary}; {time.time() - start:.1f} s, "
+                 f"{_human_bytes(entry.size_bytes())} -> {entry.path}")
         return entry
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .cache import Entry, Writer
 from .config import HeadConfig
+from .errors import KmfeatError
 
 
 def make_head(h: HeadConfig):
@@ -22,6 +23,14 @@ def make_head(h: HeadConfig):
         from .heads.sklearn import SklearnHead
 
         return SklearnHead(estimator=h.estimator, params=dict(h.params), grid=dict(h.grid))
+    if h.kind == "svm":
+        from .heads.svm import LinearSVMHead
+
+        grid = dict(h.grid)
+        C = grid.pop("C", LinearSVMHead().C)
+        if grid:
+            raise KmfeatError(f"head.grid: the svm head searches only C, got {sorted(grid)}")
+        return LinearSVMHead(C=tuple(C) if isinstance(C, list) else (C,), **h.params)
     from .heads.mlp import MLPHead
 
     return MLPHead(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch=h.batch, lr=h.lr,
@@ -64,7 +73,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
 
     history = getattr(head, "history_", [])
     metrics = {
-        "head": h.kind if h.kind == "mlp" else f"sklearn:{h.estimator}",
+        "head": f"sklearn:{h.estimator}" if h.kind == "sklearn" else h.kind,
         "train_accuracy": float((train_pred == y_train[fit_idx]).mean()),
         "val_accuracy": val_acc,
         "test": test,
@@ -81,7 +90,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
         "config": asdict(h),
     }
     out.path("metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    head.save(out.path("model.pt" if h.kind == "mlp" else "model.joblib"))
+    head.save(out.path("model.joblib" if h.kind == "sklearn" else "model.pt"))
     plot_confusion(np.array(test["confusion"]), classes, out.path("confusion.png"),
                    title=f"{metrics['head']}: test accuracy {test['accuracy']:.4f}")
     if history:

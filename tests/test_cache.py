@@ -141,13 +141,15 @@ class Counting:
 def test_runner_caches_and_recomputes_only_dependants(tmp_path, monkeypatch):
     counting = Counting(monkeypatch)
     store = Store(tmp_path / "cache")
-    cfg = config.load(None, [f"data.path={json.dumps(str(tmp_path))}"])
+    data = tmp_path / "data"  # not tmp_path itself: its fingerprint would change with the cache inside
+    data.mkdir()
+    cfg = config.load(None, [f"data.path={json.dumps(str(data))}"])
     Runner(cfg, store).run("train")
     assert counting.calls == ORDER
     counting.calls.clear()
     Runner(cfg, store).run("train")
     assert counting.calls == []
-    cfg2 = config.load(None, [f"data.path={json.dumps(str(tmp_path))}", "kmeans.k=7"])
+    cfg2 = config.load(None, [f"data.path={json.dumps(str(data))}", "kmeans.k=7"])
     Runner(cfg2, store).run("train")
     assert counting.calls == ["kmeans", "encode", "train"]
     counting.calls.clear()

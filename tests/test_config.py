@@ -28,7 +28,7 @@ def test_cifar10_defaults_are_coates():
     assert cfg.whiten.method == "zca" and cfg.whiten.eps == 0.1
     assert cfg.head.kind == "mlp" and cfg.encode.flip_train
     paper = config.load(ROOT / "pipelines/coates2011.toml")
-    assert paper.head.kind == "sklearn" and not paper.encode.flip_train
+    assert paper.head.kind == "svm" and not paper.encode.flip_train
 
 
 def test_overrides_and_types(tmp_path):

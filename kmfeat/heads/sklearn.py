@@ -77,7 +77,7 @@ class SklearnHead(ClassifierMixin, BaseEstimator):
             raise KmfeatError("validation split: X_val and y_val must be given together")
         has_val = X_val is not None and len(X_val) > 0
         if len(combos) > 1 and not has_val:
-            raise KmfeatError("head.grid: choosing among several values needs a validation split; set n_val > 0")
+            raise KmfeatError("head.grid: choosing among several values needs a validation split; set head.val > 0")
         try:
             base = cls(**params)
         except TypeError as e:

@@ -1,0 +1,4 @@
+"""`python -m kmfeat` is the `kmfeat` command."""
+from .cli import main
+
+main()

@@ -245,8 +245,9 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("data.limit_test", cfg.data.limit_test, 0)
     _positive("encode.batch", cfg.encode.batch, 0)
     _positive("head.val", cfg.head.val, 0)
-    if cfg.patches.norm_eps < 0:
-        raise KmfeatError(f"patches.norm_eps: got {cfg.patches.norm_eps}, expected >= 0")
+    if cfg.patches.norm_eps <= 0:
+        raise KmfeatError(f"patches.norm_eps: got {cfg.patches.norm_eps}, expected > 0 (flat patches "
+                          f"would divide by zero)")
     if cfg.whiten.eps < 0:
         raise KmfeatError(f"whiten.eps: got {cfg.whiten.eps}, expected >= 0")
     if cfg.encode.alpha < 0:

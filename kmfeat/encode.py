@@ -1,0 +1,329 @@
+"""Dense Coates encoder: every window of every image -> normalize -> whiten -> code -> grid sum-pool.
+
+Two costs dominate: the dot products z.c (one (positions x d) @ (d x k) matmul, done on CPU by
+oneDNN's AVX-512 kernel through kmfeat.linear) and the images x positions x k distance map after
+it, where every elementwise pass costs memory bandwidth. So the whitened patches z of a batch of
+images are built at once, then the matmul runs one cache-sized block of response-map rows at a
+time and everything after it (distance, code, per-cell sums) runs on that block while it is still
+in cache: as one fused torch.compile kernel for big jobs, or as in-place eager passes.
+"""
+import functools
+import os
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import psutil
+import torch
+
+from .errors import KmfeatError
+from .linear import Linear
+from .pooling import cell_index, pool_bounds
+
+KINDS = ("triangle", "hard", "soft")
+DEVICES = ("auto", "cpu", "cuda")
+ALLOW_TF32 = False
+"""TF32 matmuls on CUDA: off until checked within 1e-3 of the float64 reference on the target GPU."""
+BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
+"""Target size (positions x k floats) of one block of the distance map: cache-sized on CPU."""
+BATCH_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+"""Upper bound on the per-batch working set (patches, z, buffers) when batch=None."""
+COMPILE_MIN_WORK = 1e10
+"""With KMFEAT_COMPILE unset, an encoder compiles once it has been asked for this many (image, position,
+centroid) triples in all (about 8,500 CIFAR images at k=1600, some 10 s of eager work on 2 cores), so
+that the one-off compile (about 4 s with a warm inductor cache, 12-35 s cold) pays off on big jobs only."""
+
+_compiled = {}
+_compile_broken = False
+
+
+def compile_mode() -> str:
+    """"off" (KMFEAT_COMPILE=0 or an earlier compile failed), "on" (=1) or "auto" (unset: big calls only)."""
+    if _compile_broken or os.environ.get("KMFEAT_COMPILE") == "0":
+        return "off"
+    return "on" if os.environ.get("KMFEAT_COMPILE") == "1" else "auto"
+
+
+# The torch core: one block of R response-map rows, (R, nx, k), to per-row column-cell sums (grid, R, k).
+
+def _triangle_cells(e, zz, cuts):
+    """Triangle codes from e = ||c||^2 - 2 z.c and zz = ||z||^2, written as one fusable expression."""
+    d = (e + zz.unsqueeze(-1)).clamp_min(0).sqrt()
+    f = (d.mean(-1, keepdim=True) - d).clamp_min(0)
+    return torch.stack([f[:, cuts[g]:cuts[g + 1]].sum(1) for g in range(len(cuts) - 1)])
+
+
+def _soft_cells(e, cuts):
+    """Soft-threshold codes from e = c_hat.z - alpha, as one fusable expression."""
+    f = e.clamp_min(0)
+    return torch.stack([f[:, cuts[g]:cuts[g + 1]].sum(1) for g in range(len(cuts) - 1)])
+
+
+def _cell_sums_(f, cuts, out):
+    for g in range(len(cuts) - 1):
+        torch.sum(f[:, cuts[g]:cuts[g + 1]], 1, out=out[g])
+    return out
+
+
+def _triangle_cells_(e, zz, cuts, out):
+    """Eager triangle on e = ||c||^2 - 2 z.c, in place (e is overwritten), into out."""
+    d = e.add_(zz.unsqueeze(-1)).clamp_min_(0).sqrt_()
+    mu = d.mean(-1, keepdim=True)
+    return _cell_sums_(torch.sub(mu, d, out=d).clamp_min_(0), cuts, out)
+
+
+def _soft_cells_(e, cuts, out):
+    """Eager soft threshold on e = c_hat.z - alpha, in place, into out."""
+    return _cell_sums_(e.clamp_min_(0), cuts, out)
+
+
+def _hard_cells_(e, cell_x, ones, out):
+    """One-hot of argmin_j e (e = ||c||^2 - 2 z.c; lowest index on ties) counted into out."""
+    R, nx, k = e.shape
+    rows = torch.arange(R, device=e.device).unsqueeze(1)
+    flat = (cell_x * R + rows) * k + e.argmin(-1)
+    return out.zero_().view(-1).index_add_(0, flat.view(-1), ones).view(out.shape)
+
+
+def _compiled_fn(fn):
+    """One torch.compile wrapper per chain function, static shapes (the blocks are fixed-size)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _compiled[fn]
+
+
+# Validation.
+
+def _check_finite(name, arr, shape=None):
+    arr = np.asarray(arr)
+    if shape is not None and arr.shape != shape:
+        raise KmfeatError(f"{name}: expected an array of shape {shape}, got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise KmfeatError(f"{name}: contains NaN or inf (or is not numeric); recompute it")
+    return arr
+
+
+def _positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise KmfeatError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _resolve_device(device):
+    if device not in DEVICES:
+        raise KmfeatError(f"encode.device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KmfeatError("encode.device: 'cuda' requested but torch sees no CUDA GPU; use 'cpu' or 'auto'")
+    return device
+
+
+class Encoder:
+    """Dense Coates encoder: learned whitening + centroids in, pooled features out."""
+
+    def __init__(self, centroids, whiten_mean, whiten_matrix, *, rf=6, stride=1, kind="triangle", alpha=0.5,
+                 grid=2, norm_eps=10.0, device="auto", batch=None):
+        self.centroids = centroids
+        self.whiten_mean = whiten_mean
+        self.whiten_matrix = whiten_matrix
+        self.rf = rf
+        self.stride = stride
+        self.kind = kind
+        self.alpha = alpha
+        self.grid = grid
+        self.norm_eps = norm_eps
+        self.device = device
+        self.batch = batch
+        self._validate()
+        self.device_ = _resolve_device(device)
+        self._prepare()
+
+    def _validate(self):
+        if self.kind not in KINDS:
+            raise KmfeatError(f"encode.kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        _positive_int("patches.rf", self.rf)
+        _positive_int("encode.stride", self.stride)
+        _positive_int("pool.grid", self.grid)
+        if self.batch is not None:
+            _positive_int("encode.batch", self.batch)
+        if not np.isfinite(self.alpha) or self.alpha < 0:
+            raise KmfeatError(f"encode.alpha: expected a number >= 0, got {self.alpha!r}")
+        if not np.isfinite(self.norm_eps) or self.norm_eps <= 0:
+            raise KmfeatError(f"patches.norm_eps: expected a number > 0 (Coates uses 10), got {self.norm_eps!r}")
+        c = _check_finite("kmeans", self.centroids)
+        if c.ndim != 2 or c.shape[0] < 1:
+            raise KmfeatError(f"kmeans: centroids must be a 2-d array (k, d), got shape {c.shape}")
+        d = c.shape[1]
+        _check_finite("whiten", self.whiten_mean, (d,))
+        _check_finite("whiten", self.whiten_matrix, (d, d))
+        if d % (self.rf * self.rf):
+            raise KmfeatError(f"patches.rf: centroids have dimension {d}, not a multiple of rf*rf = {self.rf ** 2}")
+        if self.kind == "soft" and (np.linalg.norm(c, axis=1) == 0).any():
+            raise KmfeatError("kmeans: a centroid is all zeros, so soft encoding cannot normalize it")
+
+    def _prepare(self):
+        """Device-side affine maps: whitening z = W p + (-W m), and e = bias + scale * c.z for the code."""
+        dev = self.device_
+        c = np.asarray(self.centroids, dtype=np.float64)
+        W = np.asarray(self.whiten_matrix, dtype=np.float64)
+        self.k_, self.d_ = c.shape
+        if self.kind == "soft":
+            weight, bias = c / np.linalg.norm(c, axis=1, keepdims=True), np.full(self.k_, -float(self.alpha))
+        else:
+            weight, bias = -2 * c, (c * c).sum(1)
+        as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=dev)
+        self.whiten_ = Linear(as_tensor(W), as_tensor(-(np.asarray(self.whiten_mean, np.float64) @ W.T)))
+        self.code_ = Linear(as_tensor(weight), as_tensor(bias))
+        self.compile_ = compile_mode() != "off" and self.kind != "hard"
+        self.compiled_once_ = False
+        self.work_seen_ = 0
+
+    @property
+    def n_features(self) -> int:
+        return self.grid * self.grid * self.k_
+
+    def transform(self, images, flip: bool = False) -> np.ndarray:
+        """Pooled features (N, n_features) float32; flip=True encodes the mirrors images[:, :, ::-1]."""
+        batches = self.iter_transform(images, flip=flip)
+        out = np.empty((len(images), self.n_features), dtype=np.float32)
+        for start, stop, feats in batches:
+            out[start:stop] = feats
+        return out
+
+    def iter_transform(self, images, flip: bool = False, batch: int | None = None):
+        """Yields (start, stop, features float32 numpy (stop-start, F)) over batches of images, so callers can
+        stream to a np.memmap / .npy on disk and memory does not grow with N. `images` may be a read-only
+        np.memmap (uint8)."""
+        geom = self._geometry(images)
+        if batch is not None:
+            _positive_int("encode.batch", batch)
+        batch = batch or self.batch or self._auto_batch(geom)
+        geom["rows"] = min(geom["rows"], batch * geom["ny"])
+        self.work_seen_ += len(images) * geom["ny"] * geom["nx"] * self.k_
+        geom["compiled"] = self.compile_ and (compile_mode() == "on" or self.compiled_once_
+                                              or self.work_seen_ >= COMPILE_MIN_WORK)
+        return self._batches(images, flip, batch, geom)
+
+    def _batches(self, images, flip, batch, geom):
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]
+            x = np.array(x[:, :, ::-1] if flip else x, order="C")
+            yield start, start + len(x), self._encode_batch(x, geom)
+
+    def _geometry(self, images) -> dict:
+        """Check the images against the encoder; sizes of the response map and of the blocks."""
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            what = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
+                else type(images).__name__
+            raise KmfeatError(f"encode: images must be a uint8 numpy array (N, H, W, C), got {what}")
+        _, H, W, C = images.shape
+        rf, s, g = self.rf, self.stride, self.grid
+        if rf > min(H, W):
+            raise KmfeatError(f"patches.rf: receptive field {rf} is larger than the {H}x{W} images")
+        if rf * rf * C != self.d_:
+            raise KmfeatError(f"patches.rf: centroids have dimension {self.d_}, but rf={rf} on {C}-channel "
+                              f"images gives {rf * rf * C}; use the rf and images the centroids were learned on")
+        ny, nx = (H - rf) // s + 1, (W - rf) // s + 1
+        if g > min(ny, nx):
+            raise KmfeatError(f"pool.grid: {g}x{g} cells do not fit the {ny}x{nx} response map "
+                              f"({H}x{W} images, rf {rf}, stride {s})")
+        rows = max(1, BLOCK_ELEMENTS[self.device_] // (nx * self.k_))
+        if rows >= ny:
+            rows -= rows % ny
+        return dict(H=H, W=W, C=C, ny=ny, nx=nx, rows=rows, cuts=tuple(pool_bounds(nx, g)),
+                    cell_y=torch.as_tensor(cell_index(ny, g), device=self.device_),
+                    cell_x=torch.as_tensor(cell_index(nx, g), device=self.device_))
+
+    def _auto_batch(self, geom) -> int:
+        """Images per batch so that the per-batch working set stays within BATCH_BYTES and free memory."""
+        if self.device_ == "cuda":
+            free = torch.cuda.mem_get_info()[0]
+        else:
+            free = psutil.virtual_memory().available
+        per_image = 4 * (geom["ny"] * geom["nx"] * (3 * self.d_ + 2) + geom["H"] * geom["W"] * geom["C"]
+                         + 2 * self.grid * self.grid * self.k_)
+        fixed = 4 * geom["rows"] * geom["nx"] * (self.k_ + self.grid * self.k_ + self.d_)
+        batch = max(1, (min(BATCH_BYTES[self.device_], free // 4) - fixed) // per_image)
+        per_block = geom["rows"] // geom["ny"]
+        return batch // per_block * per_block if batch > per_block > 0 else batch
+
+    @contextmanager
+    def _precision(self):
+        """On CUDA, fp32 matmuls in full precision unless ALLOW_TF32; restored afterwards."""
+        if self.device_ != "cuda":
+            yield
+            return
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if ALLOW_TF32 else "highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    def _whitened(self, x, geom, padded_rows):
+        """z (padded_rows, nx, d) and ||z||^2 (padded_rows, nx) of float images x (B, H, W, C).
+
+        Padding rows hold all-zero patches: finite values that the caller routes to a spare slot.
+        """
+        B, H, W, C = x.shape
+        ny, nx, rf, s, d = geom["ny"], geom["nx"], self.rf, self.stride, self.d_
+        p = torch.empty(padded_rows * nx, d, device=x.device)
+        n = B * ny * nx
+        p[:n].view(B, ny, nx, rf, rf, C).copy_(
+            x.as_strided((B, ny, nx, rf, rf, C), (H * W * C, s * W * C, s * C, W * C, C, 1)))
+        p[n:].zero_()
+        p -= p.mean(1, keepdim=True)
+        p /= torch.linalg.vector_norm(p, dim=1, keepdim=True).square_().div_(d).add_(self.norm_eps).sqrt_()
+        z = self.whiten_(p)
+        zz = torch.linalg.vector_norm(z, dim=1).square_()
+        return z.view(padded_rows, nx, d), zz.view(padded_rows, nx)
+
+    def _cells(self, zb, zz, geom, out, ones):
+        """Per-row, per-column-cell code sums (grid, R, k) of one block of whitened patches zb (R*nx, d):
+        e = bias + scale * z.c from one matmul, then the fused kernel (compiled) or in-place passes (eager)."""
+        global _compile_broken
+        cuts = geom["cuts"]
+        e = self.code_(zb).view(zz.shape[0], zz.shape[1], self.k_)
+        if geom["compiled"] and self.compile_:
+            try:
+                if self.kind == "triangle":
+                    cells = _compiled_fn(_triangle_cells)(e, zz, cuts)
+                else:
+                    cells = _compiled_fn(_soft_cells)(e, cuts)
+                self.compiled_once_ = True
+                return cells
+            except Exception as exc:
+                warnings.warn(f"kmfeat.encode: torch.compile failed, using the eager encoder ({exc})", stacklevel=2)
+                _compile_broken = True
+                self.compile_ = False
+        if self.kind == "triangle":
+            return _triangle_cells_(e, zz, cuts, out)
+        if self.kind == "soft":
+            return _soft_cells_(e, cuts, out)
+        return _hard_cells_(e, geom["cell_x"], ones, out)
+
+    @torch.no_grad()
+    def _encode_batch(self, images: np.ndarray, geom) -> np.ndarray:
+        """Pooled features of one batch of uint8 images, computed block by block on the device.
+
+        Compiled blocks always have geom["rows"] rows (the last one zero-padded) so the kernel
+        compiles once; eager blocks shrink to the batch. Rows of padding go to a spare slot of acc.
+        """
+        B, dev, g, k = len(images), self.device_, self.grid, self.k_
+        ny, nx = geom["ny"], geom["nx"]
+        n_rows = B * ny
+        R = geom["rows"] if geom["compiled"] else min(geom["rows"], n_rows)
+        padded = -(-n_rows // R) * R
+        with self._precision():
+            x = torch.from_numpy(images).to(dev).float()
+            z, zz = self._whitened(x, geom, padded)
+            slot = torch.full((padded,), B * g, dtype=torch.long, device=dev)
+            slot[:n_rows] = (torch.arange(B, device=dev).unsqueeze(1) * g + geom["cell_y"]).view(-1)
+            acc = torch.zeros(g, B * g + 1, k, device=dev)
+            out = torch.empty(g, R, k, device=dev)
+            ones = torch.ones(R * nx, device=dev)
+            for r in range(0, padded, R):
+                cells = self._cells(z[r:r + R].view(R * nx, -1), zz[r:r + R], geom, out, ones)
+                acc.index_add_(1, slot[r:r + R], cells)
+            feats = acc[:, :B * g].view(g, B, g, k).permute(1, 2, 0, 3).reshape(B, g * g * k)
+            return feats.cpu().numpy()

@@ -1,0 +1,378 @@
+"""The dense encoder against the naive float64 reference, plus batching, flips, errors and the baseline."""
+import importlib.util
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kmfeat.encode as encode
+from kmfeat.encode import Encoder
+from kmfeat.errors import KmfeatError
+from kmfeat.pooling import cell_index, pool_bounds
+from reference import reference_bounds, reference_encode, random_dictionary
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
+
+# (H, W, C, rf, stride, grid, k)
+GEOMETRIES = [
+    (9, 9, 3, 3, 1, 2, 7),
+    (11, 8, 1, 5, 2, 1, 16),
+    (16, 13, 3, 6, 3, 3, 33),
+    (16, 13, 1, 3, 1, 3, 16),
+    (12, 17, 3, 5, 2, 2, 33),
+    (9, 9, 1, 6, 1, 2, 7),
+]
+
+
+@pytest.fixture(autouse=True)
+def eager(monkeypatch):
+    """Encoders built in these tests run eagerly unless a test turns compilation back on."""
+    monkeypatch.setenv("KMFEAT_COMPILE", "0")
+
+
+def _images(n, H, W, C, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, H, W, C), dtype=np.uint8)
+
+
+def _setup(H, W, C, rf, k, n=5, seed=0):
+    images = _images(n, H, W, C, seed)
+    mean, Wm, centroids = random_dictionary(_images(20, H, W, C, seed + 1), rf, k, seed=seed)
+    return images, mean, Wm, centroids
+
+
+def _assert_close(out, ref, rtol=1e-4):
+    assert out.shape == ref.shape
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+    scale = np.abs(ref).max()
+    assert scale > 0
+    assert np.abs(out - ref).max() / scale < rtol
+    assert np.allclose(out, ref, rtol=rtol, atol=rtol * scale)
+
+
+def _naive_module():
+    spec = importlib.util.spec_from_file_location("naive_encoder", ROOT / "bench" / "naive_encoder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pool_bounds_match_ceil_split():
+    assert pool_bounds(27, 2) == [0, 14, 27]
+    for n in range(1, 40):
+        for grid in range(1, n + 1):
+            cuts = pool_bounds(n, grid)
+            assert cuts == reference_bounds(n, grid)
+            assert np.all(np.diff(cuts) >= 1)
+            assert np.array_equal(np.bincount(cell_index(n, grid), minlength=grid), np.diff(cuts))
+
+
+@pytest.mark.parametrize("kind", encode.KINDS)
+@pytest.mark.parametrize("H,W,C,rf,stride,grid,k", GEOMETRIES)
+def test_matches_reference(kind, H, W, C, rf, stride, grid, k):
+    images, mean, Wm, centroids = _setup(H, W, C, rf, k)
+    enc = Encoder(centroids, mean, Wm, rf=rf, stride=stride, kind=kind, alpha=0.3, grid=grid, device="cpu")
+    out = enc.transform(images)
+    ref = reference_encode(images, centroids, mean, Wm, rf, stride, kind, 0.3, grid)
+    assert out.shape == (len(images), grid * grid * k) == (len(images), enc.n_features)
+    _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("kind", encode.KINDS)
+def test_flat_and_smooth_images(kind):
+    """Constant regions (variance 0, so norm_eps matters), gradients and saturated pixels."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:14, 0:15]
+    images = np.stack([np.full((14, 15, 3), 255), np.zeros((14, 15, 3)),
+                       np.repeat((yy * 9 + xx * 4)[..., None], 3, axis=2),
+                       np.where(xx[..., None] < 7, 250, 3) + rng.integers(0, 3, (14, 15, 3))]).astype(np.uint8)
+    mean, Wm, centroids = random_dictionary(_images(20, 14, 15, 3, 6), 5, 16)
+    out = Encoder(centroids, mean, Wm, rf=5, kind=kind, grid=2).transform(images)
+    _assert_close(out, reference_encode(images, centroids, mean, Wm, 5, 1, kind, 0.5, 2))
+
+
+@pytest.mark.parametrize("block", [1, 100, 2000])
+@pytest.mark.parametrize("kind", encode.KINDS)
+def test_blocks_spanning_images_and_padding(monkeypatch, kind, block):
+    """Blocks of 1 row, of rows crossing image boundaries, and a padded last block all agree."""
+    monkeypatch.setitem(encode.BLOCK_ELEMENTS, "cpu", block)
+    images, mean, Wm, centroids = _setup(11, 10, 3, 3, 16, n=7)
+    enc = Encoder(centroids, mean, Wm, rf=3, kind=kind, grid=3, device="cpu")
+    ref = reference_encode(images, centroids, mean, Wm, 3, 1, kind, 0.5, 3)
+    _assert_close(enc.transform(images), ref)
+    _assert_close(np.concatenate([f for _, _, f in enc.iter_transform(images, batch=3)]), ref)
+
+
+def test_symmetric_whitening_and_default_parameters():
+    images, _, _, _ = _setup(10, 10, 3, 6, 8)
+    mean, Wm, centroids = random_dictionary(_images(20, 10, 10, 3, 4), 6, 8, symmetric=True)
+    out = Encoder(centroids, mean, Wm).transform(images)
+    _assert_close(out, reference_encode(images, centroids, mean, Wm))
+
+
+def test_iter_transform_streams_to_memmap_and_matches_transform(tmp_path):
+    images, mean, Wm, centroids = _setup(13, 11, 3, 5, 16, n=11)
+    enc = Encoder(centroids, mean, Wm, rf=5, grid=2, device="cpu")
+    full = enc.transform(images)
+    src = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=images.shape)
+    src[:] = images
+    src.flush()
+    del src
+    readonly = np.load(tmp_path / "images.npy", mmap_mode="r")
+    for batch in (1, 3, 4, 11, 50):
+        out = np.lib.format.open_memmap(tmp_path / f"f{batch}.npy", mode="w+", dtype=np.float32,
+                                        shape=(len(images), enc.n_features))
+        out[:] = np.nan
+        spans = []
+        for start, stop, feats in enc.iter_transform(readonly, batch=batch):
+            assert feats.dtype == np.float32 and feats.shape == (stop - start, enc.n_features)
+            out[start:stop] = feats
+            spans.append((start, stop))
+        assert spans == [(s, min(s + batch, len(images))) for s in range(0, len(images), batch)]
+        assert not np.isnan(out).any()
+        np.testing.assert_array_equal(np.asarray(out), full)
+
+
+def test_flip_encodes_the_mirrors():
+    images, mean, Wm, centroids = _setup(12, 9, 3, 3, 16)
+    enc = Encoder(centroids, mean, Wm, rf=3, device="cpu")
+    flipped = enc.transform(images, flip=True)
+    np.testing.assert_array_equal(flipped, enc.transform(np.ascontiguousarray(images[:, :, ::-1])))
+    _assert_close(flipped, reference_encode(images[:, :, ::-1], centroids, mean, Wm, 3))
+    assert not np.allclose(flipped, enc.transform(images))
+
+
+@pytest.mark.parametrize("H,W,C,rf,stride,grid,k", GEOMETRIES)
+def test_hard_counts_every_position_once(H, W, C, rf, stride, grid, k):
+    images, mean, Wm, centroids = _setup(H, W, C, rf, k)
+    out = Encoder(centroids, mean, Wm, rf=rf, stride=stride, kind="hard", grid=grid).transform(images)
+    ny, nx = (H - rf) // stride + 1, (W - rf) // stride + 1
+    np.testing.assert_array_equal(out.sum(axis=1), ny * nx)
+    cells = out.reshape(len(images), grid, grid, k).sum(axis=3)
+    np.testing.assert_array_equal(cells[0], np.outer(np.diff(pool_bounds(ny, grid)), np.diff(pool_bounds(nx, grid))))
+
+
+def test_hard_ties_go_to_the_lowest_index():
+    images, mean, Wm, centroids = _setup(8, 8, 1, 3, 4)
+    twins = np.concatenate([centroids, centroids])
+    out = Encoder(twins, mean, Wm, rf=3, kind="hard", grid=1).transform(images)
+    assert out[:, 4:].sum() == 0 and out.sum() == len(images) * 36
+
+
+def test_empty_input_gives_empty_output():
+    _, mean, Wm, centroids = _setup(8, 8, 3, 3, 7)
+    out = Encoder(centroids, mean, Wm, rf=3).transform(np.zeros((0, 8, 8, 3), np.uint8))
+    assert out.shape == (0, 28) and out.dtype == np.float32
+
+
+def test_auto_batch_bounds_the_working_set(monkeypatch):
+    images, mean, Wm, centroids = _setup(20, 20, 3, 5, 16, n=9)
+    monkeypatch.setitem(encode.BATCH_BYTES, "cpu", 300_000)
+    enc = Encoder(centroids, mean, Wm, rf=5)
+    spans = [(s, e) for s, e, _ in enc.iter_transform(images)]
+    assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == len(images)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    monkeypatch.setitem(encode.BATCH_BYTES, "cpu", 1 << 30)
+    assert [(s, e) for s, e, _ in Encoder(centroids, mean, Wm, rf=5).iter_transform(images)] == [(0, 9)]
+
+
+def _err(match, fn):
+    with pytest.raises(KmfeatError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+
+
+def test_parameter_errors():
+    _, mean, Wm, c = _setup(9, 9, 3, 3, 7)
+    _err("encode.kind.*triangle, hard, soft", lambda: Encoder(c, mean, Wm, rf=3, kind="sparse"))
+    _err("encode.stride", lambda: Encoder(c, mean, Wm, rf=3, stride=0))
+    _err("pool.grid", lambda: Encoder(c, mean, Wm, rf=3, grid=0))
+    _err("encode.alpha", lambda: Encoder(c, mean, Wm, rf=3, alpha=-0.1))
+    _err("patches.rf", lambda: Encoder(c, mean, Wm, rf=0))
+    _err("patches.rf", lambda: Encoder(c, mean, Wm, rf=4))
+    _err("patches.norm_eps", lambda: Encoder(c, mean, Wm, rf=3, norm_eps=0))
+    _err("encode.batch", lambda: Encoder(c, mean, Wm, rf=3, batch=0))
+    _err("encode.device", lambda: Encoder(c, mean, Wm, rf=3, device="tpu"))
+    bad = c.copy()
+    bad[2, 5] = np.nan
+    _err("kmeans", lambda: Encoder(bad, mean, Wm, rf=3))
+    _err("kmeans", lambda: Encoder(c[0], mean, Wm, rf=3))
+    zero = c.copy()
+    zero[1] = 0
+    _err("kmeans", lambda: Encoder(zero, mean, Wm, rf=3, kind="soft"))
+    inf = Wm.copy()
+    inf[0, 0] = np.inf
+    _err("whiten", lambda: Encoder(c, mean, inf, rf=3))
+    _err("whiten", lambda: Encoder(c, np.full_like(mean, np.nan), Wm, rf=3))
+    _err("whiten", lambda: Encoder(c, mean[:-1], Wm, rf=3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_gpu_is_a_user_error():
+    _, mean, Wm, c = _setup(9, 9, 3, 3, 7)
+    _err("encode.device", lambda: Encoder(c, mean, Wm, rf=3, device="cuda"))
+    assert Encoder(c, mean, Wm, rf=3, device="auto").device_ == "cpu"
+
+
+def test_image_errors():
+    images, mean, Wm, c = _setup(9, 9, 3, 3, 7)
+    enc = Encoder(c, mean, Wm, rf=3, grid=3)
+    _err("uint8", lambda: enc.transform(images.astype(np.float32)))
+    _err("uint8", lambda: enc.transform(images[..., 0]))
+    _err("uint8", lambda: enc.transform(images.tolist()))
+    _err("uint8", lambda: enc.iter_transform(images[0]))
+    _err("patches.rf", lambda: enc.transform(_images(2, 9, 9, 1)))
+    _err("patches.rf", lambda: enc.transform(_images(2, 2, 9, 3)))
+    _err("pool.grid", lambda: enc.transform(_images(2, 4, 9, 3)))
+    _err("encode.batch", lambda: enc.iter_transform(images, batch=0))
+
+
+def test_naive_baseline_matches_reference():
+    naive = _naive_module().naive_numpy_encode
+    for H, W, C, rf, stride, grid, k in GEOMETRIES[:4]:
+        images, mean, Wm, centroids = _setup(H, W, C, rf, k, n=7)
+        for kind in encode.KINDS:
+            out = naive(images, centroids, mean, Wm, rf=rf, stride=stride, kind=kind, grid=grid, batch=3)
+            ref = reference_encode(images, centroids, mean, Wm, rf, stride, kind, 0.5, grid)
+            _assert_close(out, ref, rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_chain_matches_reference(monkeypatch):
+    """The torch.compile path (the CPU default) on a multi-block, padded layout, triangle and soft."""
+    monkeypatch.setenv("KMFEAT_COMPILE", "1")
+    monkeypatch.setitem(encode.BLOCK_ELEMENTS, "cpu", 2000)
+    images, mean, Wm, centroids = _setup(14, 11, 3, 5, 33, n=7)
+    for kind in ("triangle", "soft"):
+        enc = Encoder(centroids, mean, Wm, rf=5, kind=kind, grid=2, device="cpu")
+        assert enc.compile_
+        ref = reference_encode(images, centroids, mean, Wm, 5, 1, kind, 0.5, 2)
+        _assert_close(enc.transform(images), ref)
+        assert enc.compile_, "compilation failed and fell back to eager"
+        _assert_close(np.concatenate([f for _, _, f in enc.iter_transform(images, batch=2)]), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", ["0", "1"])
+@pytest.mark.parametrize("kind", encode.KINDS)
+@pytest.mark.parametrize("H,W,C,rf,stride,grid,k", GEOMETRIES[:3])
+def test_cuda_matches_reference(monkeypatch, compiled, kind, H, W, C, rf, stride, grid, k):
+    monkeypatch.setenv("KMFEAT_COMPILE", compiled)
+    images, mean, Wm, centroids = _setup(H, W, C, rf, k, n=9)
+    enc = Encoder(centroids, mean, Wm, rf=rf, stride=stride, kind=kind, grid=grid, device="cuda")
+    ref = reference_encode(images, centroids, mean, Wm, rf, stride, kind, 0.5, grid)
+    _assert_close(enc.transform(images), ref, rtol=1e-3 if encode.ALLOW_TF32 else 1e-4)
+    np.testing.assert_allclose(enc.transform(images), Encoder(centroids, mean, Wm, rf=rf, stride=stride, kind=kind,
+                                                               grid=grid, device="cpu").transform(images),
+                               rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def _cifar_images(n):
+    images = []
+    with tarfile.open(CIFAR, "r:gz") as tar:
+        for member in tar:
+            if member.isfile() and "/test/" in member.name and member.name.endswith(".jpg"):
+                from PIL import Image
+                images.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
+                if len(images) == n:
+                    break
+    return np.stack(images)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not CIFAR.exists(), reason="real CIFAR-10 copy not present")
+def test_real_cifar_images_match_reference():
+    images = _cifar_images(6)
+    assert images.shape == (6, 32, 32, 3)
+    mean, Wm, centroids = random_dictionary(images, 6, 40)
+    for kind in encode.KINDS:
+        out = Encoder(centroids, mean, Wm, kind=kind, device="cpu").transform(images)
+        _assert_close(out, reference_encode(images, centroids, mean, Wm, kind=kind))
+
+
+def test_compile_failure_warns_and_falls_back_to_eager(monkeypatch):
+    def broken(fn):
+        def fail(*args):
+            raise RuntimeError("no compiler")
+        return fail
+
+    monkeypatch.setenv("KMFEAT_COMPILE", "1")
+    monkeypatch.setattr(encode, "_compile_broken", False)
+    monkeypatch.setattr(encode, "_compiled_fn", broken)
+    images, mean, Wm, centroids = _setup(10, 9, 3, 3, 16)
+    enc = Encoder(centroids, mean, Wm, rf=3, device="cpu")
+    assert enc.compile_
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        out = enc.transform(images)
+    assert not enc.compile_ and not Encoder(centroids, mean, Wm, rf=3).compile_
+    _assert_close(out, reference_encode(images, centroids, mean, Wm, 3))
+
+
+@pytest.mark.parametrize("kind", ["triangle", "soft"])
+def test_fused_chain_and_auto_compile_policy(monkeypatch, kind):
+    """The expressions handed to torch.compile (run uncompiled here) match the reference, and with
+    KMFEAT_COMPILE unset they are used once the encoder has seen enough work in all."""
+    used = []
+
+    def uncompiled(fn):
+        used.append(fn.__name__)
+        return fn
+
+    monkeypatch.delenv("KMFEAT_COMPILE")
+    monkeypatch.setattr(encode, "_compiled_fn", uncompiled)
+    monkeypatch.setitem(encode.BLOCK_ELEMENTS, "cpu", 3000)
+    images, mean, Wm, centroids = _setup(13, 12, 3, 5, 33, n=6)
+    ref = reference_encode(images, centroids, mean, Wm, 5, 1, kind, 0.5, 3)
+    enc = Encoder(centroids, mean, Wm, rf=5, kind=kind, grid=3, device="cpu")
+    monkeypatch.setattr(encode, "COMPILE_MIN_WORK", 1.5 * len(images) * 9 * 8 * 33)
+    _assert_close(enc.transform(images), ref)
+    assert used == [] and not enc.compiled_once_
+    _assert_close(enc.transform(images), ref)
+    assert used and set(used) == {f"_{kind}_cells"} and enc.compiled_once_
+    monkeypatch.setattr(encode, "COMPILE_MIN_WORK", 1e18)
+    n = len(used)
+    _assert_close(np.concatenate([f for _, _, f in enc.iter_transform(images, batch=4)]), ref)
+    assert len(used) > n
+    assert not Encoder(centroids, mean, Wm, rf=5, kind="hard").compile_
+
+
+def test_linear_matches_float64_on_every_backend(monkeypatch):
+    from kmfeat import linear
+
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(37, 27, generator=gen), torch.randn(37, generator=gen)
+    x = torch.randn(50, 27, generator=gen)
+    want = x.double() @ weight.double().t() + bias.double()
+    fast = linear.Linear(weight, bias)
+    if linear._onednn_available():
+        assert fast.backend == "onednn"
+    monkeypatch.setattr(linear, "_onednn_available", lambda: False)
+    plain = linear.Linear(weight, bias)
+    assert plain.backend == "torch"
+    for lin in (fast, plain):
+        got = lin(x)
+        assert got.dtype == torch.float32 and got.shape == (50, 37)
+        assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_linear_probe_rejects_reduced_precision_and_failures():
+    from kmfeat.linear import agrees_with_float64
+
+    weight, bias = torch.randn(64, 108), torch.randn(64)
+
+    def exact(x):
+        return torch.addmm(bias, x, weight.t())
+
+    def bf16(x):
+        return (x.bfloat16() @ weight.bfloat16().t()).float() + bias
+
+    assert agrees_with_float64(exact, weight, bias)
+    assert not agrees_with_float64(bf16, weight, bias)
+    assert not agrees_with_float64(lambda x: x[:, :3], weight, bias)
+    assert not agrees_with_float64(lambda x: 1 / 0, weight, bias)

@@ -23,7 +23,7 @@ class CoatesFeaturizer(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, rf=6, n_patches=400_000, norm_eps=10.0, whiten="zca", whiten_eps=0.1,
-                 k=1600, kmeans_iters=25, kmeans_backend="auto", kind="triangle", alpha=0.5,
+                 k=1600, kmeans_iters=25, kmeans_backend="auto", kmeans_init="random", kind="triangle", alpha=0.5,
                  stride=1, grid=2, device="auto", seed=0):
         self.rf = rf
         self.n_patches = n_patches
@@ -33,6 +33,7 @@ class CoatesFeaturizer(TransformerMixin, BaseEstimator):
         self.k = k
         self.kmeans_iters = kmeans_iters
         self.kmeans_backend = kmeans_backend
+        self.kmeans_init = kmeans_init
         self.kind = kind
         self.alpha = alpha
         self.stride = stride
@@ -45,7 +46,7 @@ class CoatesFeaturizer(TransformerMixin, BaseEstimator):
                                     eps=self.norm_eps)
         self.whitener_ = Whitener(method=self.whiten, eps=self.whiten_eps).fit(patches)
         self.kmeans_ = KMeans(k=self.k, iters=self.kmeans_iters, seed=self.seed,
-                              backend=self.kmeans_backend, device=self.device)
+                              backend=self.kmeans_backend, device=self.device, init=self.kmeans_init)
         self.kmeans_.fit(self.whitener_.transform(patches))
         self.encoder_ = Encoder(self.kmeans_.centroids_, self.whitener_.mean_, self.whitener_.W_,
                                 rf=self.rf, stride=self.stride, kind=self.kind, alpha=self.alpha,

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -142,6 +143,14 @@ class Entry:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+def release_pages(arr: np.memmap) -> None:
+    """Drop a flushed memmap's pages from this process's resident set (they stay in the page
+    cache and on disk), so streaming a large output does not grow RSS with its size."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 class Writer:

@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import Entry, Store, Writer, disk_full_error, free_bytes, is_disk_full, make_key
+from .cache import (Entry, Store, Writer, disk_full_error, free_bytes, is_disk_full, make_key,
+                    release_pages)
 from .config import PipelineConfig
 from .errors import KmfeatError
 from .progress import bar, say
@@ -247,6 +248,7 @@ def _encode_split(split: _Split, encoder) -> None:
                                       f"NaN or inf; check the whitening (whiten.eps) and the input images")
                 split.out[start + a:start + b] = feats
             split.out.flush()
+            release_pages(split.out)
             split.done.add(start)
             part = split.record.with_name(split.record.name + ".part")
             part.write_text(json.dumps({"settings": split.settings, "done": sorted(split.done)}))

@@ -1,0 +1,229 @@
+"""`python -m bench`: the stage table (default), `--compare` (Encoder vs naive numpy) or `--memory`
+(peak RSS of encode vs N). See bench/__init__.py; `--help` lists the options."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from kmfeat.errors import KmfeatError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PIPELINE = ROOT / "pipelines" / "cifar10.toml"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+QUICK_OVERRIDES = ["patches.n=20000", "kmeans.k=64", "kmeans.iters=3", "head.val=200", "head.epochs=3"]
+QUICK_LIMITS = (1000, 200)
+QUICK_COMPARE_IMAGES = 100
+MEMORY_SMALL = (8000, 2000)
+QUICK_MEMORY_SMALL = (500, 100)
+
+
+def _stages(text: str) -> list[str]:
+    from kmfeat.stages import ORDER
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in ORDER]
+    if unknown or not names:
+        raise KmfeatError(f"--stages: got {text!r}, expected a comma-separated list of {', '.join(ORDER)}")
+    return names
+
+
+def _variants(text: str) -> list[str]:
+    from .compare import VARIANTS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(v not in VARIANTS for v in names):
+        raise KmfeatError(f"--variants: got {text!r}, expected a comma-separated list of {', '.join(VARIANTS)}")
+    return names
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise KmfeatError(f"{name}: got {value}, expected >= {minimum}")
+
+
+class Settings:
+    """The resolved options: paths, -o overrides (quick defaults, then limits, then the user's)."""
+
+    def __init__(self, data, pipeline, overrides, limit_train, limit_test, quick, work_dir):
+        self.data = Path(data).resolve() if data else DEFAULT_DATA
+        if not self.data.exists():
+            where = "--data" if data else f"--data (default {DEFAULT_DATA})"
+            raise KmfeatError(f"{where}: {self.data} not found; pass --data PATH to a CIFAR-10 copy or image folder")
+        self.pipeline = Path(pipeline).resolve() if pipeline else DEFAULT_PIPELINE
+        if not self.pipeline.is_file():
+            raise KmfeatError(f"--pipeline: {self.pipeline}: no such file (see pipelines/*.toml)")
+        self.quick = quick
+        lt, ls = QUICK_LIMITS if quick else (None, None)
+        self.limit_train = limit_train if limit_train is not None else lt
+        self.limit_test = limit_test if limit_test is not None else ls
+        _positive("--limit-train", self.limit_train, 0)
+        _positive("--limit-test", self.limit_test, 0)
+        self.user_overrides = list(overrides)
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
+
+    def overrides(self, with_limits: bool = True) -> list[str]:
+        out = list(QUICK_OVERRIDES) if self.quick else []
+        if with_limits and self.limit_train is not None:
+            out.append(f"data.limit_train={self.limit_train}")
+        if with_limits and self.limit_test is not None:
+            out.append(f"data.limit_test={self.limit_test}")
+        return out + self.user_overrides
+
+    def config(self, overrides: list[str]):
+        from kmfeat import config
+
+        return config.load(self.pipeline, overrides, str(self.data))
+
+    def keys(self, overrides: list[str]) -> dict[str, str]:
+        from kmfeat.cache import Store
+        from kmfeat.stages import ORDER, Runner
+
+        runner = Runner(self.config(overrides), Store(self.work_dir))
+        return {stage: runner.key(stage) for stage in ORDER}
+
+
+def _heading(info: dict, title: str, markdown: bool) -> str:
+    """The Markdown header block, or one plain line naming the machine and the command."""
+    from .machine import markdown_header
+
+    return markdown_header(info, title) if markdown else f"{info['cpu']}, {info['cores']} cores; {info['command']}"
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _stage_mode(s: Settings, info: dict, stages: list[str], repeats: int, repeats_long: int, long_seconds: float,
+                markdown: bool, out: str | None) -> None:
+    from .stage_table import StageBench, render
+
+    overrides = s.overrides()
+    cfg = s.config(overrides)
+    bench = StageBench(cfg, s.keys(overrides), s.pipeline, s.data, overrides, stages, s.work_dir,
+                       repeats, repeats_long, long_seconds)
+    results = bench.run()
+    click.echo(_heading(info, "Stage timings", markdown))
+    click.echo(render(results, bench.total_images, long_seconds, repeats, markdown))
+    _write_json(out, {"mode": "stages", "machine": info, "overrides": overrides, "repeats": repeats,
+                      "total_images": bench.total_images, "stages": [r.to_dict() for r in results]})
+
+
+def _compare_mode(s: Settings, info: dict, images: int | None, k: int | None, repeats: int, variants: list[str],
+                  markdown: bool, out: str | None) -> int:
+    from .compare import matches, render_compare, run_compare
+
+    cfg = s.config(s.overrides(with_limits=False))
+    images = images or (QUICK_COMPARE_IMAGES if s.quick else 2000)
+    result = run_compare(cfg, images, k or cfg.kmeans.k, repeats, variants)
+    click.echo(_heading(info, "Encoder vs naive numpy", markdown))
+    click.echo(render_compare(result, markdown))
+    _write_json(out, {"mode": "compare", "machine": info, **result})
+    return 0 if matches(result) else 1
+
+
+def _memory_mode(s: Settings, info: dict, memory: bool, memory_k: int | None, markdown: bool, out: str | None) -> None:
+    from .memory import MemoryRun, measure_encode, render_memory
+
+    base = s.overrides(with_limits=False)
+
+    def key_of(overrides):
+        return s.keys(overrides)["encode"]
+
+    def limits(train, test):
+        return [f"data.limit_train={train or 0}", f"data.limit_test={test or 0}"]
+
+    full_limits = limits(s.limit_train, s.limit_test)
+    full_label = "full copy" if not (s.limit_train or s.limit_test) else \
+        f"limits {s.limit_train or 'all'} + {s.limit_test or 'all'}"
+    runs, growth, big = [], None, None
+    if memory:
+        small = QUICK_MEMORY_SMALL if s.quick else MEMORY_SMALL
+        growth = (MemoryRun(f"limits {small[0]} + {small[1]}", limits(*small)), MemoryRun(full_label, full_limits))
+        runs += growth
+    if memory_k:
+        big = MemoryRun(f"{full_label}, k={memory_k}", [*full_limits, f"kmeans.k={memory_k}"])
+        runs.append(big)
+    for run in runs:
+        measure_encode(run, s.pipeline, s.data, base, s.work_dir, key_of)
+    click.echo(_heading(info, "Encode peak memory", markdown))
+    click.echo(render_memory(runs, growth, big, markdown))
+    _write_json(out, {"mode": "memory", "machine": info, "overrides": base,
+                      "runs": [vars(r) for r in runs]})
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", metavar="PATH", help=f"Dataset (default {DEFAULT_DATA}).")
+@click.option("-p", "--pipeline", metavar="TOML", help="Pipeline (default pipelines/cifar10.toml).")
+@click.option("-o", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Config override passed to every kmfeat run (repeatable).")
+@click.option("--limit-train", type=int, help="Same as -o data.limit_train=N.")
+@click.option("--limit-test", type=int, help="Same as -o data.limit_test=M.")
+@click.option("--stages", default="data,patches,whiten,kmeans,encode,train", show_default=True,
+              help="Stages to time (comma-separated).")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs per stage (the median is shown).")
+@click.option("--repeats-long", default=1, show_default=True, type=int,
+              help="Runs of a stage whose first run took longer than --long-seconds.")
+@click.option("--long-seconds", default=300.0, show_default=True, type=float, help="What counts as a long stage.")
+@click.option("--compare", is_flag=True,
+              help="Time the Encoder against the naive numpy encoder, in one process; exit status 1 when "
+                   "their outputs differ by more than 1e-4 relative.")
+@click.option("--images", type=int, help="--compare: number of train images (default 2000; 100 with --quick).")
+@click.option("--k", type=int, help="--compare: number of centroids (default the pipeline's; 64 with --quick).")
+@click.option("--variants", default="compiled,eager", show_default=True,
+              help="--compare: Encoder variants (KMFEAT_COMPILE=1 / 0).")
+@click.option("--memory", is_flag=True, help="Peak RSS of `kmfeat encode` on 10,000 images and on the full copy.")
+@click.option("--memory-k", type=int, help="Peak RSS of `kmfeat encode` on the full copy with this k (e.g. 4000).")
+@click.option("--quick", is_flag=True, help="Tiny settings, so that the whole harness runs in well under a minute.")
+@click.option("--markdown", is_flag=True, help="Markdown table with a machine header, for BENCHMARKS.md.")
+@click.option("--out", metavar="FILE", help="Also write the results as JSON.")
+@click.option("--work-dir", metavar="DIR", help="Where the temporary caches go (default: the system temp dir).")
+def main(data, pipeline, overrides, limit_train, limit_test, stages, repeats, repeats_long, long_seconds, compare,
+         images, k, variants, memory, memory_k, quick, markdown, out, work_dir) -> None:
+    """Benchmark kmfeat: per-stage time and peak RSS (default), --compare, or --memory / --memory-k."""
+    from .machine import machine_info
+
+    for name, value in [("--repeats", repeats), ("--repeats-long", repeats_long), ("--images", images), ("--k", k),
+                        ("--memory-k", memory_k)]:
+        _positive(name, value)
+    if compare and (memory or memory_k):
+        raise KmfeatError("--compare and --memory/--memory-k: choose one mode per run")
+    stage_list, variant_list = _stages(stages), _variants(variants)
+    s = Settings(data, pipeline, overrides, limit_train, limit_test, quick, work_dir)
+    info = machine_info(sys.argv[1:])
+    if compare:
+        sys.exit(_compare_mode(s, info, images, k, repeats, variant_list, markdown, out))
+    if memory or memory_k:
+        _memory_mode(s, info, memory, memory_k, markdown, out)
+    else:
+        _stage_mode(s, info, stage_list, repeats, repeats_long, long_seconds, markdown, out)
+
+
+def run() -> None:
+    """Entry point: user mistakes (and an unwritable --work-dir) end with `Error: ...` and status 2,
+    Ctrl-C with 130."""
+    try:
+        main.main(standalone_mode=False, prog_name="python -m bench")
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KmfeatError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        click.echo(f"Error: {exc.filename or 'bench'}: {exc.strerror or exc} (see --work-dir)", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,186 @@
+"""kmfeat's Encoder against the naive numpy baseline, in one process, on the same real images
+and the same whitening and centroids (fitted quickly: their quality does not matter for timing,
+only k and d do). Each Encoder variant gets one warm-up call on a few images first, so that the
+torch.compile / oneDNN set-up is reported apart from the timed runs.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kmfeat.config import PipelineConfig
+from kmfeat.progress import say
+
+from .naive_encoder import naive_numpy_encode
+from .table import fmt_count, fmt_seconds, markdown_table, text_table
+
+VARIANTS = {"compiled": "1", "eager": "0"}
+"""Encoder variants and the KMFEAT_COMPILE value that selects each."""
+TOLERANCE = 1e-4
+TARGET_SPEEDUP = 6.0
+"""Target speed-up of the Encoder over the naive baseline (2 CPU cores, k=1600)."""
+WARMUP_IMAGES = 8
+DICTIONARY_ITERS = 2
+
+
+@dataclass
+class Timing:
+    """Timed runs of one encoder on the N images; rel_diff is max|a-b| / max|b| against the baseline."""
+    name: str
+    runs: list[float] = field(default_factory=list)
+    warmup: float | None = None
+    rel_diff: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+def load_images(cfg: PipelineConfig, n: int) -> np.ndarray:
+    """The first n training images (a class-balanced subset, as data.limit_train picks) of the pipeline's data."""
+    from kmfeat.data import load_dataset
+
+    d = cfg.data
+    ds = load_dataset(d.source, d.path or None, resize=tuple(d.resize) or None, limit_train=n, limit_test=1,
+                      seed=d.seed)
+    return np.ascontiguousarray(ds.train_x)
+
+
+def fit_dictionary(images: np.ndarray, cfg: PipelineConfig, k: int, seed: int = 0):
+    """(centroids, whitening mean, whitening matrix) from a quick patches -> Whitener -> KMeans fit."""
+    from kmfeat.kmeans import KMeans
+    from kmfeat.patches import normalize_patches, sample_patches
+    from kmfeat.whiten import Whitener
+
+    p = cfg.patches
+    patches = normalize_patches(sample_patches(images, rf=p.rf, n=max(20_000, 10 * k), seed=seed), eps=p.norm_eps)
+    whitener = Whitener(method=cfg.whiten.method, eps=cfg.whiten.eps).fit(patches)
+    km = KMeans(k=k, iters=DICTIONARY_ITERS, seed=seed, backend=cfg.kmeans.backend,
+                device=cfg.kmeans.device).fit(whitener.transform(patches))
+    return km.centroids_, whitener.mean_, whitener.W_
+
+
+@contextmanager
+def _env(name: str, value: str):
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def relative_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| in float64 (inf when a has NaN/inf or the shapes differ)."""
+    if a.shape != b.shape or not np.isfinite(a).all():
+        return float("inf")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), np.finfo(np.float64).tiny))
+
+
+def _encoder_settings(cfg: PipelineConfig) -> dict:
+    e = cfg.encode
+    return dict(rf=cfg.patches.rf, stride=e.stride, kind=e.kind, alpha=e.alpha, grid=cfg.pool.grid,
+                norm_eps=cfg.patches.norm_eps)
+
+
+def time_encoder(images, dictionary, cfg: PipelineConfig, variant: str, repeats: int):
+    """(Timing, features of the last run) of kmfeat's Encoder with KMFEAT_COMPILE set for `variant`."""
+    from kmfeat.encode import Encoder
+
+    with _env("KMFEAT_COMPILE", VARIANTS[variant]):
+        encoder = Encoder(*dictionary, **_encoder_settings(cfg), device=cfg.encode.device,
+                          batch=cfg.encode.batch or None)
+        timing = Timing(f"kmfeat {variant}")
+        start = time.perf_counter()
+        encoder.transform(images[:WARMUP_IMAGES])
+        timing.warmup = time.perf_counter() - start
+        for r in range(repeats):
+            start = time.perf_counter()
+            out = encoder.transform(images)
+            timing.runs.append(time.perf_counter() - start)
+            say(f"bench: {timing.name} run {r + 1}/{repeats}: {timing.runs[-1]:.2f} s")
+        if variant == "compiled" and not encoder.compiled_once_:
+            timing.name += " (compile failed: eager)"
+    return timing, out
+
+
+def time_naive(images, dictionary, cfg: PipelineConfig, repeats: int):
+    """(Timing, features of the last run) of bench.naive_encoder.naive_numpy_encode."""
+    settings = _encoder_settings(cfg)
+    timing = Timing("naive numpy")
+    for r in range(repeats):
+        start = time.perf_counter()
+        out = naive_numpy_encode(images, *dictionary, **settings)
+        timing.runs.append(time.perf_counter() - start)
+        say(f"bench: naive numpy run {r + 1}/{repeats}: {timing.runs[-1]:.2f} s")
+    return timing, out
+
+
+def run_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, variants: list[str]) -> dict:
+    """Time the baseline and each Encoder variant on the same images; a JSON-able result."""
+    import torch
+
+    from kmfeat.threads import configure_threads
+
+    threads = configure_threads()
+    say(f"bench: loading {n_images:,} images ...")
+    images = load_images(cfg, n_images)
+    say(f"bench: fitting whitening + k={k} centroids ({DICTIONARY_ITERS} k-means iterations) ...")
+    dictionary = fit_dictionary(images, cfg, k)
+    N, H, W, C = images.shape
+    rf, stride = cfg.patches.rf, cfg.encode.stride
+    positions = ((H - rf) // stride + 1) * ((W - rf) // stride + 1)
+    d = dictionary[0].shape[1]
+    flop = 2.0 * N * positions * k * d
+    naive, reference = time_naive(images, dictionary, cfg, repeats)
+    timings = [naive]
+    for variant in variants:
+        timing, out = time_encoder(images, dictionary, cfg, variant, repeats)
+        timing.rel_diff = relative_diff(out, reference)
+        timings.append(timing)
+    device = "cuda" if cfg.encode.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return {
+        "images": N, "image_shape": [H, W, C], "k": k, "d": d, "positions": positions, "kind": cfg.encode.kind,
+        "flop": flop, "threads": threads, "device": device, "tolerance": TOLERANCE,
+        "timings": [{"name": t.name, "runs": t.runs, "median": t.median, "warmup": t.warmup,
+                     "images_per_s": N / t.median, "gflops": flop / t.median / 1e9,
+                     "speedup": naive.median / t.median, "rel_diff": t.rel_diff} for t in timings],
+    }
+
+
+def render_compare(result: dict, markdown: bool) -> str:
+    """The comparison table, then one speed-up and one match line per Encoder variant."""
+    header = ["encoder", "warm-up s", "seconds, median (runs)", "images/s", "GFLOP/s", "speed-up", "max rel diff"]
+    rows = []
+    for t in result["timings"]:
+        runs = " ".join(fmt_seconds(s) for s in t["runs"])
+        rows.append([t["name"], "-" if t["warmup"] is None else fmt_seconds(t["warmup"]),
+                     f"{fmt_seconds(t['median'])} ({runs})", fmt_count(t["images_per_s"]), f"{t['gflops']:.1f}",
+                     f"{t['speedup']:.2f}x", "-" if t["rel_diff"] is None else f"{t['rel_diff']:.1e}"])
+    H, W, C = result["image_shape"]
+    title = (f"{result['images']:,} images {H}x{W}x{C}, k={result['k']}, d={result['d']}, "
+             f"{result['positions']} positions, {result['kind']}; {result['device']}, {result['threads']} threads; "
+             f"GFLOP/s counts the distance matmul (2*N*positions*k*d = {result['flop'] / 1e9:,.0f} GFLOP)")
+    table = markdown_table(header, rows, {1, 2, 3, 4, 5, 6}) if markdown else text_table(header, rows, {1, 2, 3, 4, 5, 6})
+    lines = [title, "", table, ""]
+    bullet = "- " if markdown else ""
+    for t in result["timings"][1:]:
+        ok = t["rel_diff"] <= result["tolerance"]
+        lines.append(f"{bullet}speed-up {t['name']}: {t['speedup']:.2f}x over naive numpy "
+                     f"(target >= {TARGET_SPEEDUP:g}x: {'ok' if t['speedup'] >= TARGET_SPEEDUP else 'below'})")
+        lines.append(f"{bullet}match {t['name']}: max|a-b|/max|b| = {t['rel_diff']:.2e} "
+                     f"({'<=' if ok else '>'} {result['tolerance']:g}: {'ok' if ok else 'MISMATCH'})")
+    return "\n".join(lines)
+
+
+def matches(result: dict) -> bool:
+    return all(t["rel_diff"] <= result["tolerance"] for t in result["timings"][1:])

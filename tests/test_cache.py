@@ -1,9 +1,6 @@
 """The stage store: keys, atomic commits, integrity checks, gc, and the runner's caching."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

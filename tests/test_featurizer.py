@@ -1,5 +1,4 @@
 """CoatesFeaturizer: a scikit-learn transformer computing exactly what the CLI stages cache."""
-import json
 
 import numpy as np
 from sklearn.base import clone

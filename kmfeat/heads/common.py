@@ -20,6 +20,34 @@ def check_features(X, name: str = "X") -> None:
         raise KmfeatError(f"{name}: expected a non-empty 2-d feature array (N, F), got shape {shape}")
 
 
+def check_fit_data(X, y, X_val, y_val) -> bool:
+    """Check a head's fit inputs (features, labels, optional validation pair); True if val is given."""
+    check_features(X, "train features")
+    if len(y) != X.shape[0]:
+        raise KmfeatError(f"train labels: {len(y)} labels for {X.shape[0]} feature rows")
+    if (X_val is None) != (y_val is None):
+        raise KmfeatError("validation split: X_val and y_val must be given together")
+    has_val = X_val is not None and len(X_val) > 0
+    if has_val and (X_val.ndim != 2 or X_val.shape[1] != X.shape[1] or len(y_val) != X_val.shape[0]):
+        raise KmfeatError(f"validation features: expected ({len(y_val)}, {X.shape[1]}), got {X_val.shape}")
+    return has_val
+
+
+def load_torch_blob(path, fmt: str) -> dict:
+    """Read a head file written with torch.save (weights only: no pickled code runs) and check its format tag."""
+    import torch
+
+    what = fmt.split("/")[0].split(".")[-1]
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KmfeatError(f"{path}: not a readable {what} file ({first})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise KmfeatError(f"{path}: not a {what} file written by {what}.save")
+    return blob
+
+
 class Standardizer(TransformerMixin, BaseEstimator):
     """Feature standardization with TRAIN statistics only: (x - mean_) / sqrt(var_ + eps), eps=0.01 (Coates).
 
@@ -75,6 +103,22 @@ class Standardizer(TransformerMixin, BaseEstimator):
     def _apply(self, block: np.ndarray) -> None:
         block -= self.mean_
         block /= self.scale_
+
+
+def standardizer_state(std: "Standardizer") -> dict:
+    """The fitted Standardizer as tensors, for a head's torch.save blob."""
+    import torch
+
+    return {"mean": torch.from_numpy(std.mean_), "scale": torch.from_numpy(std.scale_),
+            "var": torch.from_numpy(std.var_), "eps": std.eps}
+
+
+def standardizer_from_state(blob: dict) -> "Standardizer":
+    """Inverse of standardizer_state."""
+    std = Standardizer(eps=blob["eps"])
+    std.mean_, std.scale_, std.var_ = (blob[k].numpy() for k in ("mean", "scale", "var"))
+    std.n_features_in_ = std.mean_.shape[0]
+    return std
 
 
 def validation_split(y, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

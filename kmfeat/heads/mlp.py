@@ -11,7 +11,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import Standardizer, check_features, row_chunks
+from kmfeat.heads.common import (Standardizer, check_fit_data, load_torch_blob, row_chunks,
+                                 standardizer_from_state, standardizer_state)
 from kmfeat.progress import bar
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -146,14 +147,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         learned: standardizer_, model_ (torch nn.Module, eval mode, on CPU), classes_, history_ (list of per-epoch dicts
         {epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds}), best_epoch_, n_epochs_run_."""
         self._check_params()
-        check_features(X, "train features")
-        if len(y) != X.shape[0]:
-            raise KmfeatError(f"train labels: {len(y)} labels for {X.shape[0]} feature rows")
-        if (X_val is None) != (y_val is None):
-            raise KmfeatError("validation split: X_val and y_val must be given together")
-        has_val = X_val is not None and len(X_val) > 0
-        if has_val and (X_val.ndim != 2 or X_val.shape[1] != X.shape[1] or len(y_val) != X_val.shape[0]):
-            raise KmfeatError(f"validation features: expected ({len(y_val)}, {X.shape[1]}), got {X_val.shape}")
+        has_val = check_fit_data(X, y, X_val, y_val)
         dev = resolve_device(self.device)
         self.classes_ = np.unique(np.asarray(y))
         self.precision_ = self.precision if self.precision != "auto" else ("bf16" if native_bf16(dev) else "fp32")
@@ -270,10 +264,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             "format": "kmfeat.MLPHead/1",
             "params": self.get_params(),
             "state_dict": self.model_.state_dict(),
-            "mean": torch.from_numpy(self.standardizer_.mean_),
-            "scale": torch.from_numpy(self.standardizer_.scale_),
-            "var": torch.from_numpy(self.standardizer_.var_),
-            "eps": self.standardizer_.eps,
+            **standardizer_state(self.standardizer_),
             "classes": torch.from_numpy(np.asarray(self.classes_)),
             "history": self.history_,
             "best_epoch": self.best_epoch_,
@@ -284,17 +275,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path) -> "MLPHead":
         """Rebuild a fitted MLPHead written by save() (weights only: no pickled code is run)."""
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise KmfeatError(f"{path}: not a readable MLPHead file ({first})") from None
-        if not isinstance(blob, dict) or blob.get("format") != "kmfeat.MLPHead/1":
-            raise KmfeatError(f"{path}: not an MLPHead file written by MLPHead.save")
+        blob = load_torch_blob(path, "kmfeat.MLPHead/1")
         head = cls(**blob["params"])
-        std = Standardizer(eps=blob["eps"])
-        std.mean_, std.scale_, std.var_ = (blob[k].numpy() for k in ("mean", "scale", "var"))
-        std.n_features_in_ = std.mean_.shape[0]
+        std = standardizer_from_state(blob)
         head.standardizer_, head.n_features_in_ = std, std.n_features_in_
         head.classes_ = blob["classes"].numpy()
         head.model_ = build_mlp(head.n_features_in_, head.hidden, len(head.classes_), head.dropout, head.input_dropout)

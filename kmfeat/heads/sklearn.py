@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils import all_estimators
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import Standardizer, check_features, row_chunks
+from kmfeat.heads.common import Standardizer, check_fit_data, row_chunks
 from kmfeat.progress import say
 
 PREDICT_CHUNK = 8192
@@ -70,12 +70,7 @@ class SklearnHead(ClassifierMixin, BaseEstimator):
         _check_names(cls, params, "head.params")
         _check_names(cls, (self.grid or {}), "head.grid")
         combos = self._combinations()
-        check_features(X, "train features")
-        if len(y) != X.shape[0]:
-            raise KmfeatError(f"train labels: {len(y)} labels for {X.shape[0]} feature rows")
-        if (X_val is None) != (y_val is None):
-            raise KmfeatError("validation split: X_val and y_val must be given together")
-        has_val = X_val is not None and len(X_val) > 0
+        has_val = check_fit_data(X, y, X_val, y_val)
         if len(combos) > 1 and not has_val:
             raise KmfeatError("head.grid: choosing among several values needs a validation split; set head.val > 0")
         try:

@@ -14,7 +14,8 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import Standardizer, check_features, row_chunks
+from kmfeat.heads.common import (Standardizer, check_fit_data, load_torch_blob, row_chunks,
+                                 standardizer_from_state, standardizer_state)
 from kmfeat.heads.mlp import resolve_device
 from kmfeat.progress import bar, say
 
@@ -165,17 +166,6 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
                 raise KmfeatError(f"head.{name}: expected {expected}, got {getattr(self, name)!r}")
         return values
 
-    def _check_data(self, X, y, X_val, y_val) -> bool:
-        check_features(X, "train features")
-        if len(y) != X.shape[0]:
-            raise KmfeatError(f"train labels: {len(y)} labels for {X.shape[0]} feature rows")
-        if (X_val is None) != (y_val is None):
-            raise KmfeatError("validation split: X_val and y_val must be given together")
-        has_val = X_val is not None and len(X_val) > 0
-        if has_val and (X_val.ndim != 2 or X_val.shape[1] != X.shape[1] or len(y_val) != X_val.shape[0]):
-            raise KmfeatError(f"validation features: expected ({len(y_val)}, {X.shape[1]}), got {X_val.shape}")
-        return has_val
-
     def fit(self, X, y, X_val=None, y_val=None):
         """Standardize X once (train statistics), then fit every C on (X, y) and keep the one best on (X_val, y_val).
 
@@ -184,9 +174,9 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         increasing C), n_iter_ and objective_ of the chosen C.
         """
         c_values = self._check_params()
-        has_val = self._check_data(X, y, X_val, y_val)
+        has_val = check_fit_data(X, y, X_val, y_val)
         if len(c_values) > 1 and not has_val:
-            raise KmfeatError("head.grid.C: choosing among several C values needs a validation split; set n_val > 0")
+            raise KmfeatError("head.grid.C: choosing among several C values needs a validation split; set head.val > 0")
         y = np.asarray(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -304,10 +294,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
             "params": self.get_params(),
             "coef": torch.from_numpy(self.coef_),
             "intercept": torch.from_numpy(self.intercept_),
-            "mean": torch.from_numpy(self.standardizer_.mean_),
-            "scale": torch.from_numpy(self.standardizer_.scale_),
-            "var": torch.from_numpy(self.standardizer_.var_),
-            "eps": self.standardizer_.eps,
+            **standardizer_state(self.standardizer_),
             "classes": self.classes_.tolist(),
             "classes_dtype": self.classes_.dtype.str,
             "best_params": self.best_params_,
@@ -319,17 +306,9 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path) -> "LinearSVMHead":
         """Rebuild a fitted LinearSVMHead written by save() (weights only: no pickled code is run)."""
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise KmfeatError(f"{path}: not a readable LinearSVMHead file ({first})") from None
-        if not isinstance(blob, dict) or blob.get("format") != "kmfeat.LinearSVMHead/1":
-            raise KmfeatError(f"{path}: not a LinearSVMHead file written by LinearSVMHead.save")
+        blob = load_torch_blob(path, "kmfeat.LinearSVMHead/1")
         head = cls(**blob["params"])
-        std = Standardizer(eps=blob["eps"])
-        std.mean_, std.scale_, std.var_ = (blob[k].numpy() for k in ("mean", "scale", "var"))
-        std.n_features_in_ = std.mean_.shape[0]
+        std = standardizer_from_state(blob)
         head.standardizer_, head.n_features_in_ = std, std.n_features_in_
         head.coef_, head.intercept_ = blob["coef"].numpy(), blob["intercept"].numpy()
         head.classes_ = np.asarray(blob["classes"], dtype=np.dtype(blob["classes_dtype"]))

@@ -284,7 +284,7 @@ def _train_params(cfg: PipelineConfig) -> dict:
     h.pop("device")
     mlp_only = ["hidden", "dropout", "input_dropout", "epochs", "batch", "lr", "weight_decay",
                 "optimizer", "schedule", "patience", "label_smoothing", "precision"]
-    unused = {"mlp": ["estimator", "params", "grid"], "svm": mlp_only + ["estimator"],
+    unused = {"mlp": ["estimator", "params", "grid", "refit"], "svm": mlp_only + ["estimator"],
               "sklearn": mlp_only}[h["kind"]]
     for name in unused:
         h.pop(name)

@@ -2,7 +2,9 @@
 
 The test split is touched exactly once, after the head (and its epoch or hyper-parameters)
 was chosen on the validation split held out of train. Mirrored training images (flip_train)
-join the training part only: the mirrors of validation images stay out.
+join the training part only: the mirrors of validation images stay out. With `head.refit`
+(svm and sklearn heads), the chosen hyper-parameters are then refit on train + val, as the
+paper does after cross-validation; val accuracy is still that of the model that never saw it.
 """
 from __future__ import annotations
 
@@ -17,16 +19,18 @@ from .config import HeadConfig
 from .errors import KmfeatError
 
 
-def make_head(h: HeadConfig):
-    """The head estimator a HeadConfig describes."""
+def make_head(h: HeadConfig, chosen: dict | None = None):
+    """The head estimator a HeadConfig describes; `chosen` fixes the grid to one point."""
     if h.kind == "sklearn":
         from .heads.sklearn import SklearnHead
 
+        if chosen is not None:
+            return SklearnHead(estimator=h.estimator, params={**h.params, **chosen}, grid={})
         return SklearnHead(estimator=h.estimator, params=dict(h.params), grid=dict(h.grid))
     if h.kind == "svm":
         from .heads.svm import LinearSVMHead
 
-        grid = dict(h.grid)
+        grid = dict(chosen or h.grid)
         C = grid.pop("C", LinearSVMHead().C)
         if grid:
             raise KmfeatError(f"head.grid: the svm head searches only C, got {sorted(grid)}")
@@ -39,17 +43,23 @@ def make_head(h: HeadConfig):
                    label_smoothing=h.label_smoothing, precision=h.precision)
 
 
+def training_rows(features: Entry, idx: np.ndarray):
+    """Features and labels of train images `idx`, plus their mirrors when they were encoded."""
+    X, y = np.asarray(features.array("train")[idx]), np.asarray(features.array("train_y"))[idx]
+    if features.has("train_flip"):
+        X = np.concatenate([X, np.asarray(features.array("train_flip")[idx])])
+        y = np.concatenate([y, y])
+    return X, y
+
+
 def split_features(features: Entry, n_val: int, seed: int):
-    """(X_fit, y_fit, X_val, y_val) from an encode entry: val held out of the unflipped train
-    images; the fit part adds the mirrors of the fit images when they were encoded."""
+    """(X_fit, y_fit, X_val, y_val, fit_idx) from an encode entry: val held out of the
+    unflipped train images; the fit part adds the mirrors of the fit images."""
     from .heads.common import validation_split
 
     X, y = features.array("train"), np.asarray(features.array("train_y"))
     fit_idx, val_idx = validation_split(y, n_val, seed)
-    X_fit, y_fit = np.asarray(X[fit_idx]), y[fit_idx]
-    if features.has("train_flip"):
-        X_fit = np.concatenate([X_fit, np.asarray(features.array("train_flip")[fit_idx])])
-        y_fit = np.concatenate([y_fit, y[fit_idx]])
+    X_fit, y_fit = training_rows(features, fit_idx)
     X_val, y_val = (np.asarray(X[val_idx]), y[val_idx]) if len(val_idx) else (None, None)
     return X_fit, y_fit, X_val, y_val, fit_idx
 
@@ -63,11 +73,21 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     classes = features.meta["classes"]
     X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed)
     head = make_head(h).fit(X_fit, y_fit, X_val, y_val)
+    val_acc = float((head.predict(X_val) == y_val).mean()) if X_val is not None else float("nan")
+    refit = h.refit and X_val is not None
+    if refit:
+        del X_fit, y_fit
+        fit_idx = np.arange(len(features.array("train_y")))
+        X_fit, y_fit = training_rows(features, fit_idx)
+        chosen = getattr(head, "best_params_", None) or {}
+        selected = head
+        head = make_head(h, chosen).fit(X_fit, y_fit)
+        for name in ("best_params_", "grid_scores_"):
+            setattr(head, name, getattr(selected, name, None))
     fit_seconds = time.time() - start
 
     X_train, y_train = features.array("train"), np.asarray(features.array("train_y"))
     train_pred = head.predict(np.asarray(X_train[fit_idx]))
-    val_acc = float((head.predict(X_val) == y_val).mean()) if X_val is not None else float("nan")
     y_test = np.asarray(features.array("test_y"))
     test = classification_metrics(y_test, head.predict(features.array("test")), classes)
 
@@ -78,6 +98,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
         "val_accuracy": val_acc,
         "test": test,
         "n_fit": int(len(y_fit)), "n_val": int(0 if y_val is None else len(y_val)), "n_test": int(len(y_test)),
+        "refit_on_train_and_val": refit,
         "flipped_training_copies": features.has("train_flip"),
         "epochs_run": getattr(head, "n_epochs_run_", None),
         "best_epoch": getattr(head, "best_epoch_", None),

@@ -1,0 +1,103 @@
+"""The train stage: the test split never reaches fitting or model selection; flips and refit."""
+import json
+
+import numpy as np
+import pytest
+
+from kmfeat import config
+from kmfeat.cache import Store
+from kmfeat.heads.mlp import MLPHead
+from kmfeat.heads.svm import LinearSVMHead
+from kmfeat.train import train_head
+
+
+def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0):
+    """An encode entry of separable synthetic features; every row is unique, so rows can be traced."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (3, d))
+    y, y_test = np.arange(n) % 3, np.arange(m) % 3
+    store = Store(tmp_path)
+    with store.lock("encode", "k"):
+        w = store.writer("encode", "k", {}, {})
+        w.save("train", (centers[y] + rng.normal(0, 1, (n, d))).astype(np.float32))
+        if flip:
+            w.save("train_flip", (centers[y] + rng.normal(0, 1, (n, d))).astype(np.float32))
+        w.save("test", (centers[y_test] + rng.normal(0, 1, (m, d))).astype(np.float32))
+        w.save("train_y", y.astype(np.int64))
+        w.save("test_y", y_test.astype(np.int64))
+        w.meta["classes"] = ["a", "b", "c"]
+        return w.commit()
+
+
+def rows(X):
+    return {r.tobytes() for r in np.asarray(X)}
+
+
+def spy(monkeypatch, cls, calls):
+    fit, predict = cls.fit, cls.predict
+
+    def spy_fit(self, X, y, X_val=None, y_val=None):
+        calls.append(("fit", rows(X) | (rows(X_val) if X_val is not None else set())))
+        calls.append(("fit_rows", rows(X)))
+        return fit(self, X, y, X_val, y_val)
+
+    def spy_predict(self, X):
+        calls.append(("predict", rows(X)))
+        return predict(self, X)
+    monkeypatch.setattr(cls, "fit", spy_fit)
+    monkeypatch.setattr(cls, "predict", spy_predict)
+
+
+@pytest.mark.parametrize("kind,cls,extra", [
+    ("mlp", MLPHead, ["head.epochs=15", "head.hidden=16", "head.lr=0.01"]),
+    ("svm", LinearSVMHead, ["head.grid={C=[0.001, 0.1]}", "head.refit=true"]),
+])
+def test_test_split_never_reaches_fit_or_selection(tmp_path, monkeypatch, kind, cls, extra):
+    entry = features_entry(tmp_path)
+    calls = []
+    spy(monkeypatch, cls, calls)
+    h = config.load(None, [f"head.kind={kind}", "head.val=30"] + extra).head
+    out = Store(tmp_path).writer("train", "t", {}, {})
+    metrics = train_head(h, entry, out)
+    test_rows = rows(entry.array("test"))
+    fits = [r for what, r in calls if what == "fit"]
+    assert fits and all(not (r & test_rows) for r in fits)
+    test_predictions = [i for i, (what, r) in enumerate(calls) if what == "predict" and r & test_rows]
+    assert not any(r & test_rows for what, r in calls if what == "predict" and r != test_rows)
+    assert len(test_predictions) == 1 and calls[test_predictions[0]][1] == test_rows
+    assert test_predictions[0] > max(i for i, (what, _) in enumerate(calls) if what == "fit")
+    assert metrics["test"]["accuracy"] > 0.9
+    saved = json.loads(out.path("metrics.json").read_text())
+    assert saved["n_test"] == 90 and saved["feature_key"] == "k"
+
+
+def test_mirrors_of_validation_images_stay_out(tmp_path, monkeypatch):
+    entry = features_entry(tmp_path)
+    calls = []
+    spy(monkeypatch, MLPHead, calls)
+    h = config.load(None, ["head.val=30", "head.epochs=2", "head.hidden=8"]).head
+    metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
+    assert metrics["n_fit"] == 2 * 270 and metrics["n_val"] == 30
+    train, flip = np.asarray(entry.array("train")), np.asarray(entry.array("train_flip"))
+    fitted = calls[1][1]
+    val_rows = {r.tobytes() for r in train} - fitted
+    assert len(val_rows) == 30
+    val_idx = [i for i, r in enumerate(train) if r.tobytes() in val_rows]
+    assert not rows(flip[val_idx]) & fitted
+    assert len(fitted & rows(flip)) == 270
+
+
+def test_refit_uses_train_and_val_with_the_chosen_c(tmp_path):
+    entry = features_entry(tmp_path, flip=False)
+    h = config.load(None, ["head.kind=svm", "head.val=30", "head.grid={C=[0.0001, 0.1]}",
+                           "head.refit=true"]).head
+    metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
+    assert metrics["refit_on_train_and_val"] and metrics["n_fit"] == 300
+    assert metrics["best_params"]["C"] in (0.0001, 0.1) and len(metrics["grid_scores"]) == 2
+
+
+def test_refit_is_refused_for_the_mlp():
+    from kmfeat.errors import KmfeatError
+
+    with pytest.raises(KmfeatError, match="head.refit"):
+        config.load(None, ["head.refit=true"])

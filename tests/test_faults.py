@@ -61,11 +61,17 @@ def kmfeat(*args, cache, check=True, env=None, **kwargs):
     return proc
 
 
+def _default_sigint():
+    """A child of a background job inherits SIGINT as ignored; give it the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, cache, log: Path, env=None):
     """A kmfeat process in the background, its stderr going to `log`."""
     with open(log, "w") as err:
         return subprocess.Popen([sys.executable, "-m", "kmfeat", *map(str, args)], cwd=ROOT,
-                                env=_env(cache, **(env or {})), stdout=subprocess.DEVNULL, stderr=err)
+                                env=_env(cache, **(env or {})), stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_default_sigint)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 # kmfeat: `make features train` runs the main job, `make test` the tests.
 # Each target creates/updates the local virtual environment (.venv) first; the pinned CPU
 # torch is installed before anything that depends on torch, so pip never pulls a CUDA build.
+# The install runs under a lock, so two make calls at once do not race on .venv.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,10 +31,8 @@ endif
 .PHONY: venv features train test test-all bench clean-cache
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH)
-	$(PIP) -e '.[dev]'
-	touch $@
+	flock $(VENV).lock sh -c 'test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+		$(PIP) $(TORCH) && $(PIP) -e ".[dev]" && touch $@'
 
 venv: $(STAMP)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from kmfeat.cli import run_command
 from kmfeat.errors import KmfeatError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,23 +207,8 @@ def main(data, pipeline, overrides, limit_train, limit_test, stages, repeats, re
 def run() -> None:
     """Entry point: user mistakes (and an unwritable --work-dir) end with `Error: ...` and status 2,
     Ctrl-C with 130."""
-    try:
-        main.main(standalone_mode=False, prog_name="python -m bench")
-    except click.exceptions.Abort:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except KmfeatError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
-    except OSError as exc:
-        click.echo(f"Error: {exc.filename or 'bench'}: {exc.strerror or exc} (see --work-dir)", err=True)
-        sys.exit(2)
+    run_command(main, None, "python -m bench", "Interrupted.",
+                lambda exc: f"{exc.filename or 'bench'}: {exc.strerror or exc} (see --work-dir)")
 
 
 if __name__ == "__main__":

@@ -250,18 +250,13 @@ def _os_error(exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}"
 
 
-def main(argv=None) -> None:
-    """Entry point: user mistakes end with one line and exit status 2, Ctrl-C with 130.
-
-    SIGXFSZ is ignored so that a file size limit (ulimit -f) fails a write with EFBIG, reported
-    like a full disk, instead of killing the process.
-    """
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def run_command(command: click.Command, argv, prog_name: str, interrupted: str, os_error) -> None:
+    """Run a click command as a program: user mistakes end with one `Error:` line and status 2,
+    Ctrl-C with `interrupted` and 130; `os_error(exc)` words an OSError (unwritable path, ...)."""
     try:
-        cli.main(args=argv, prog_name="kmfeat", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Interrupted; rerun the same command to resume.", err=True)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(interrupted, err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -269,15 +264,23 @@ def main(argv=None) -> None:
     except KmfeatError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted; rerun the same command to resume.", err=True)
-        sys.exit(130)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except OSError as exc:
-        click.echo(f"Error: {_os_error(exc)}", err=True)
+        click.echo(f"Error: {os_error(exc)}", err=True)
         sys.exit(2)
+
+
+def main(argv=None) -> None:
+    """Entry point of `kmfeat`.
+
+    SIGXFSZ is ignored so that a file size limit (ulimit -f) fails a write with EFBIG, reported
+    like a full disk, instead of killing the process.
+    """
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    run_command(cli, argv, "kmfeat", "Interrupted; rerun the same command to resume.", _os_error)
 
 
 if __name__ == "__main__":

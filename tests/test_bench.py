@@ -16,7 +16,7 @@ from helpers import REAL_CIFAR, make_image_folder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.child import kmfeat_argv, run_checked, run_measured  # noqa: E402
+from bench.child import kmfeat_argv, run_checked  # noqa: E402
 from bench.compare import relative_diff  # noqa: E402
 from bench.stage_table import StageResult, _link_entries, render, stage_rows  # noqa: E402
 from kmfeat.errors import KmfeatError  # noqa: E402

@@ -34,10 +34,16 @@ MANIFEST = "manifest.json"
 _SAMPLE = 1 << 20
 
 
-def make_key(stage: str, params: dict, inputs: dict[str, str]) -> str:
-    """Stable key of a stage's output from its params and the keys of its inputs."""
-    blob = json.dumps({"stage": stage, "params": params, "inputs": inputs, "format": FORMAT_VERSION},
-                      sort_keys=True, separators=(",", ":"), default=str)
+def make_key(stage: str, params: dict, inputs: dict[str, str], revision: int = 0) -> str:
+    """Stable key of a stage's output from its params, the keys of its inputs and the revision of its code.
+
+    `revision` is bumped when a code change alters what a stage computes from the same params (0, the first,
+    is left out of the hash so that the entries made before revisions existed keep their keys).
+    """
+    fields = {"stage": stage, "params": params, "inputs": inputs, "format": FORMAT_VERSION}
+    if revision:
+        fields["revision"] = revision
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

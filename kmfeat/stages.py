@@ -60,6 +60,8 @@ class Stage:
     params: Callable[[PipelineConfig], dict]
     compute: Callable[[Context], str]
     resumable: bool = False
+    revision: int = 0
+    """Bumped when the stage's code computes something else from the same params (see make_key)."""
 
 
 def _unreadable(path: str, exc: OSError) -> KmfeatError:
@@ -305,7 +307,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("whiten", ("patches",), _whiten_params, _compute_whiten),
     Stage("kmeans", ("patches", "whiten"), _kmeans_params, _compute_kmeans),
     Stage("encode", ("data", "whiten", "kmeans"), _encode_params, _compute_encode, resumable=True),
-    Stage("train", ("encode",), _train_params, _compute_train),
+    Stage("train", ("encode",), _train_params, _compute_train, revision=1),  # 1: svm solved to tol 1e-6
 ]}
 
 
@@ -338,7 +340,7 @@ class Runner:
     def key(self, name: str) -> str:
         if name not in self._keys:
             stage = STAGES[name]
-            self._keys[name] = make_key(name, stage.params(self.cfg), self.input_keys(name))
+            self._keys[name] = make_key(name, stage.params(self.cfg), self.input_keys(name), stage.revision)
         return self._keys[name]
 
     def input_keys(self, name: str) -> dict[str, str]:

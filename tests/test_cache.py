@@ -17,6 +17,8 @@ def test_make_key_is_stable_and_sensitive():
     assert a != make_key("kmeans", {"k": 11, "iters": 5}, {"whiten": "abc"})
     assert a != make_key("kmeans", {"k": 10, "iters": 5}, {"whiten": "abd"})
     assert a != make_key("encode", {"k": 10, "iters": 5}, {"whiten": "abc"})
+    assert a == make_key("kmeans", {"k": 10, "iters": 5}, {"whiten": "abc"}, revision=0)
+    assert a != make_key("kmeans", {"k": 10, "iters": 5}, {"whiten": "abc"}, revision=1)
 
 
 def keys_for(tmp_path, overrides):

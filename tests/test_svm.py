@@ -146,13 +146,16 @@ def test_c_grid_picks_best_on_val_in_increasing_order_with_warm_starts():
     np.testing.assert_allclose(head.coef_, single.coef_, atol=1e-3 * np.abs(single.coef_).max())
 
 
-def test_stopping_rules():
+def test_stopping_rules(capsys):
     X, y = blobs(600, d=20, k=3, seed=10)
     f_opt = LinearSVMHead(C=0.05, device="cpu", dtype="float64", tol=0, max_iter=3000).fit(X, y).objective_
     capped = LinearSVMHead(C=0.05, device="cpu", tol=0, max_iter=3).fit(X, y)
     loose = LinearSVMHead(C=0.05, device="cpu", tol=1e-2).fit(X, y)
     tight = LinearSVMHead(C=0.05, device="cpu", tol=1e-7).fit(X, y)
     assert capped.n_iter_ == 3 and capped.objective_ > f_opt * (1 + 1e-3)
+    assert [s["converged"] for s in (capped.grid_scores_ + loose.grid_scores_ + tight.grid_scores_)] == [
+        False, True, True]
+    assert "stopped at head.params.max_iter=3 before converging" in capsys.readouterr().err
     assert 5 <= loose.n_iter_ < tight.n_iter_ < 300
     assert f_opt <= loose.objective_ * (1 + 1e-6) and loose.objective_ <= f_opt * (1 + 0.05)
     assert tight.objective_ == pytest.approx(f_opt, rel=1e-5)

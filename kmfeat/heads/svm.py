@@ -146,7 +146,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     coef_ and intercept_ act on standardized features: decision = standardizer_.transform(X) @ coef_.T + intercept_.
     """
 
-    def __init__(self, C=(0.0001, 0.001, 0.01), max_iter=300, tol=1e-4, device="auto", dtype="float32"):
+    def __init__(self, C=(0.0001, 0.001, 0.01), max_iter=2000, tol=1e-6, device="auto", dtype="float32"):
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
@@ -170,8 +170,8 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         """Standardize X once (train statistics), then fit every C on (X, y) and keep the one best on (X_val, y_val).
 
         learned: standardizer_, coef_ (n_classes, d) float32, intercept_ (n_classes,) float32, classes_,
-        best_params_ {"C"}, grid_scores_ (list of {params, val_acc, seconds, n_iter, n_evals, objective}, by
-        increasing C), n_iter_ and objective_ of the chosen C.
+        best_params_ {"C"}, grid_scores_ (list of {params, val_acc, seconds, n_iter, n_evals, objective,
+        converged}, by increasing C), n_iter_ and objective_ of the chosen C.
         """
         c_values = self._check_params()
         has_val = check_fit_data(X, y, X_val, y_val)
@@ -206,9 +206,12 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         self.grid_scores_, best = [], None
         for C in c_values:
             t0 = time.perf_counter()
-            loss, n_iter, n_evals = self._solve(products, Y, W, b, C, g0 * C)
+            loss, n_iter, n_evals, converged = self._solve(products, Y, W, b, C, g0 * C)
+            if not converged:
+                say(f"svm C={C:g}: stopped at head.params.max_iter={self.max_iter} before converging; "
+                    "raise it for the optimum")
             score = {"params": {"C": C}, "val_acc": None, "seconds": 0.0, "n_iter": n_iter, "n_evals": n_evals,
-                     "objective": loss}
+                     "objective": loss, "converged": converged}
             if Xv is not None:
                 pred = products.scores(W, b, Xv).argmax(dim=1).cpu().numpy()
                 score["val_acc"] = float(np.mean(self.classes_[pred] == np.asarray(y_val)))
@@ -246,8 +249,9 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         """||grad f(0, 0)|| / C: the gradient at zero is -2C [Y^T X, 1^T Y], the reference for the gradient test."""
         return 2.0 * math.sqrt(float(products.back(Y.T.contiguous()).pow(2).sum()) + float(Y.sum(dim=0).pow(2).sum()))
 
-    def _solve(self, products, Y, W, b, C: float, g0: float) -> tuple[float, int, int]:
-        """Run L-BFGS from the current (W, b), updated in place; returns (final objective, iterations, evaluations).
+    def _solve(self, products, Y, W, b, C: float, g0: float) -> tuple[float, int, int, bool]:
+        """Run L-BFGS from the current (W, b), updated in place; returns (final objective, iterations, evaluations,
+        whether a stopping rule other than max_iter ended it).
 
         Stops after max_iter iterations; when the last WINDOW iterations together lowered the objective by at most
         tol relative (one iteration alone is no guide: L-BFGS's first step is deliberately tiny, and later ones
@@ -259,9 +263,10 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
                                 tolerance_change=1e-12 if W.dtype == torch.float64 else 1e-9,
                                 history_size=HISTORY, line_search_fn="strong_wolfe")
         history = [objective.evaluate()[0]]
+        converged = False
         steps = bar(total=self.max_iter, desc=f"svm C={C:g}", unit="iter")
         with steps:
-            while len(history) <= self.max_iter:
+            while not converged and len(history) <= self.max_iter:
                 opt.step(objective)
                 loss, gW, gb = objective.evaluate()
                 history.append(loss)
@@ -269,10 +274,9 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
                 steps.set_postfix(objective=f"{loss:.6g}")
                 gnorm = math.sqrt(float(gW.pow(2).sum()) + float(gb.pow(2).sum()))
                 settled = len(history) > WINDOW and history[-WINDOW - 1] - loss <= self.tol * abs(loss)
-                if settled or loss == history[-2] or gnorm <= self.tol * g0:
-                    break
+                converged = settled or loss == history[-2] or gnorm <= self.tol * g0
         W.grad = b.grad = None
-        return history[-1], len(history) - 1, objective.n_evals
+        return history[-1], len(history) - 1, objective.n_evals, converged
 
     def decision_function(self, X) -> np.ndarray:
         """One-vs-rest scores (N, n_classes), float32, standardizing X chunk by chunk (a memmap is fine)."""

@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 RUN_ARGS := -p $(PIPELINE) $(if $(DATA),--data $(DATA)) $(ARGS)
 ifeq ($(HEAD),linear)
-HEAD_ARGS := -o head.kind=svm -o 'head.grid={C=[0.0005, 0.002, 0.008]}'
+HEAD_ARGS := -o head.kind=svm -o 'head.grid={C=[0.001, 0.002, 0.004, 0.008]}'
 else ifeq ($(HEAD),logreg)
 HEAD_ARGS := -o head.kind=sklearn -o head.estimator=LogisticRegression \
 	-o 'head.params={max_iter=300}' -o 'head.grid={C=[0.0001, 0.001, 0.01]}'

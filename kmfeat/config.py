@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +55,14 @@ class KMeansConfig:
 
 @dataclass
 class EncodeConfig:
-    kind: Literal["triangle", "hard", "soft"] = "triangle"
+    """Dense codes: triangle, hard, soft (threshold alpha) or knn (1 for the q nearest centroids).
+    split: soft and knn codes for both signs of the patch (2k codes per position)."""
+    kind: Literal["triangle", "hard", "soft", "knn"] = "triangle"
     stride: int = 1
     alpha: float = 0.5
+    split: bool = False
+    q: float = 0.25
+    dtype: Literal["float32", "float16"] = "float32"
     flip_train: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch: int = 0
@@ -64,15 +70,18 @@ class EncodeConfig:
 
 @dataclass
 class PoolConfig:
-    grid: int = 2
+    """grid: one grid size or a spatial pyramid such as [1, 2, 4] (levels concatenated in list order)."""
+    grid: int | list[int] = 2
+    kind: Literal["sum", "mean", "max"] = "sum"
 
 
 @dataclass
 class HeadConfig:
     """Classifier on the cached features: the torch dropout MLP, the torch linear L2-SVM
     (C from grid.C, chosen on val) or any scikit-learn classifier (estimator + params + grid)."""
-    kind: Literal["mlp", "svm", "sklearn"] = "mlp"
+    kind: Literal["mlp", "svm", "ridge", "sklearn"] = "mlp"
     val: int = 5000
+    power: float = 1.0
     refit: bool = False
     seed: int = 0
     hidden: int = 512
@@ -122,6 +131,13 @@ def _type_name(tp) -> str:
 def _coerce(key: str, value: Any, tp) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is types.UnionType:
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except KmfeatError:
+                pass
+        raise KmfeatError(f"{key}: got {value!r}, expected " + " or ".join(map(_type_name, typing.get_args(tp))))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -241,7 +257,17 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("kmeans.k", cfg.kmeans.k)
     _positive("kmeans.iters", cfg.kmeans.iters)
     _positive("encode.stride", cfg.encode.stride)
-    _positive("pool.grid", cfg.pool.grid)
+    grids = cfg.pool.grid if isinstance(cfg.pool.grid, list) else [cfg.pool.grid]
+    if not grids or len(set(grids)) != len(grids) or min(grids) < 1:
+        raise KmfeatError(f"pool.grid: got {cfg.pool.grid!r}, expected a grid size >= 1 or a list of "
+                          f"distinct sizes >= 1, e.g. [1, 2, 4]")
+    q = cfg.encode.q
+    if not (0 < q < 1 or (q >= 1 and q == int(q))):
+        raise KmfeatError(f"encode.q: got {q}, expected a fraction of k in (0, 1) or a whole count >= 1")
+    if cfg.encode.split and cfg.encode.kind not in ("soft", "knn"):
+        raise KmfeatError(f"encode.split: only the soft and knn codes have a sign split, not {cfg.encode.kind!r}")
+    if not cfg.head.power > 0:
+        raise KmfeatError(f"head.power: got {cfg.head.power}, expected > 0 (1 = off, 0.5 = signed square root)")
     _positive("data.limit_train", cfg.data.limit_train, 0)
     _positive("data.limit_test", cfg.data.limit_test, 0)
     _positive("encode.batch", cfg.encode.batch, 0)

@@ -1,4 +1,8 @@
-"""Dense Coates encoder: every window of every image -> normalize -> whiten -> code -> grid sum-pool.
+"""Dense Coates encoder: every window of every image -> normalize -> whiten -> code -> grid/pyramid pool.
+
+Codes (K per position): triangle, hard, soft max(0, c_hat.z - alpha) and knn (1 for the q nearest
+centroids, Thiry et al. 2021); split=True gives soft and knn codes for both signs of the patch
+(K = 2k: first the k codes of z, then the k codes of -z, i.e. max(0, -c_hat.z - alpha)).
 
 Two costs dominate: the dot products z.c (one (positions x d) @ (d x k) matmul, done on CPU by
 oneDNN's AVX-512 kernel through kmfeat.linear) and the images x positions x k distance map after
@@ -18,9 +22,9 @@ import torch
 
 from .errors import KmfeatError
 from .linear import Linear
-from .pooling import cell_index, pool_bounds
+from .pooling import POOL_KINDS, cell_index, finest, levels, n_cells, pool_bounds, pyramid
 
-KINDS = ("triangle", "hard", "soft")
+KINDS = ("triangle", "hard", "soft", "knn")
 DEVICES = ("auto", "cpu", "cuda")
 ALLOW_TF32 = False
 """TF32 matmuls on CUDA: off until checked within 1e-3 of the float64 reference on the target GPU."""
@@ -33,6 +37,7 @@ COMPILE_MIN_WORK = 1e10
 centroid) triples in all (about 8,500 CIFAR images at k=1600, some 10 s of eager work on 2 cores), so
 that the one-off compile (about 4 s with a warm inductor cache, 12-35 s cold) pays off on big jobs only."""
 
+warnings.filterwarnings("ignore", message="index_reduce\\(\\) is in beta", category=UserWarning)
 _compiled = {}
 _compile_broken = False
 
@@ -46,43 +51,62 @@ def compile_mode() -> str:
 
 # The torch core: one block of R response-map rows, (R, nx, k), to per-row column-cell sums (grid, R, k).
 
-def _triangle_cells(e, zz, cuts):
+def _reduce_cols(f, cuts, reduce):
+    """(cells, R, K): per row, the sum or max of f (R, nx, K) over each column cell."""
+    if reduce == "max":
+        return torch.stack([f[:, cuts[g]:cuts[g + 1]].amax(1) for g in range(len(cuts) - 1)])
+    return torch.stack([f[:, cuts[g]:cuts[g + 1]].sum(1) for g in range(len(cuts) - 1)])
+
+
+def _triangle_cells(e, zz, cuts, reduce):
     """Triangle codes from e = ||c||^2 - 2 z.c and zz = ||z||^2, written as one fusable expression."""
     d = (e + zz.unsqueeze(-1)).clamp_min(0).sqrt()
-    f = (d.mean(-1, keepdim=True) - d).clamp_min(0)
-    return torch.stack([f[:, cuts[g]:cuts[g + 1]].sum(1) for g in range(len(cuts) - 1)])
+    return _reduce_cols((d.mean(-1, keepdim=True) - d).clamp_min(0), cuts, reduce)
 
 
-def _soft_cells(e, cuts):
-    """Soft-threshold codes from e = c_hat.z - alpha, as one fusable expression."""
-    f = e.clamp_min(0)
-    return torch.stack([f[:, cuts[g]:cuts[g + 1]].sum(1) for g in range(len(cuts) - 1)])
+def _soft_cells(e, cuts, reduce):
+    """Soft-threshold codes from e = c_hat.z - alpha (both halves when split), as one fusable expression."""
+    return _reduce_cols(e.clamp_min(0), cuts, reduce)
 
 
-def _cell_sums_(f, cuts, out):
+def _cell_reduce_(f, cuts, reduce, out):
     for g in range(len(cuts) - 1):
-        torch.sum(f[:, cuts[g]:cuts[g + 1]], 1, out=out[g])
+        if reduce == "max":
+            torch.amax(f[:, cuts[g]:cuts[g + 1]], 1, out=out[g])
+        else:
+            torch.sum(f[:, cuts[g]:cuts[g + 1]], 1, out=out[g])
     return out
 
 
-def _triangle_cells_(e, zz, cuts, out):
+def _triangle_cells_(e, zz, cuts, reduce, out):
     """Eager triangle on e = ||c||^2 - 2 z.c, in place (e is overwritten), into out."""
     d = e.add_(zz.unsqueeze(-1)).clamp_min_(0).sqrt_()
     mu = d.mean(-1, keepdim=True)
-    return _cell_sums_(torch.sub(mu, d, out=d).clamp_min_(0), cuts, out)
+    return _cell_reduce_(torch.sub(mu, d, out=d).clamp_min_(0), cuts, reduce, out)
 
 
-def _soft_cells_(e, cuts, out):
+def _soft_cells_(e, cuts, reduce, out):
     """Eager soft threshold on e = c_hat.z - alpha, in place, into out."""
-    return _cell_sums_(e.clamp_min_(0), cuts, out)
+    return _cell_reduce_(e.clamp_min_(0), cuts, reduce, out)
 
 
-def _hard_cells_(e, cell_x, ones, out):
-    """One-hot of argmin_j e (e = ||c||^2 - 2 z.c; lowest index on ties) counted into out."""
+def _knn_cells_(e, q, halves, cuts, reduce, out):
+    """1 where e (a distance up to a per-position constant) is among the q smallest of its half
+    (R, nx, halves * k): the q nearest centroids of z (and of -z in the second half)."""
+    R, nx, K = e.shape
+    h = e.view(R, nx, halves, K // halves)
+    kth = torch.kthvalue(h, q, dim=-1, keepdim=True).values
+    return _cell_reduce_(torch.le(h, kth, out=torch.empty(h.shape, dtype=torch.bool, device=e.device))
+                         .view(R, nx, K).to(e.dtype), cuts, reduce, out)
+
+
+def _hard_cells_(e, cell_x, ones, reduce, out):
+    """One-hot of argmin_j e (e = ||c||^2 - 2 z.c; lowest index on ties) counted into out (max: 0/1)."""
     R, nx, k = e.shape
     rows = torch.arange(R, device=e.device).unsqueeze(1)
     flat = (cell_x * R + rows) * k + e.argmin(-1)
-    return out.zero_().view(-1).index_add_(0, flat.view(-1), ones).view(out.shape)
+    out = out.zero_().view(-1).index_add_(0, flat.view(-1), ones).view(out.shape)
+    return out.clamp_max_(1) if reduce == "max" else out
 
 
 def _compiled_fn(fn):
@@ -122,7 +146,7 @@ class Encoder:
     """Dense Coates encoder: learned whitening + centroids in, pooled features out."""
 
     def __init__(self, centroids, whiten_mean, whiten_matrix, *, rf=6, stride=1, kind="triangle", alpha=0.5,
-                 grid=2, norm_eps=10.0, device="auto", batch=None):
+                 split=False, q=0.25, grid=2, pool="sum", norm_eps=10.0, device="auto", batch=None):
         self.centroids = centroids
         self.whiten_mean = whiten_mean
         self.whiten_matrix = whiten_matrix
@@ -130,7 +154,10 @@ class Encoder:
         self.stride = stride
         self.kind = kind
         self.alpha = alpha
+        self.split = split
+        self.q = q
         self.grid = grid
+        self.pool = pool
         self.norm_eps = norm_eps
         self.device = device
         self.batch = batch
@@ -143,7 +170,15 @@ class Encoder:
             raise KmfeatError(f"encode.kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
         _positive_int("patches.rf", self.rf)
         _positive_int("encode.stride", self.stride)
-        _positive_int("pool.grid", self.grid)
+        grids = levels(self.grid)
+        for g in grids:
+            _positive_int("pool.grid", g)
+        if not grids or len(set(grids)) != len(grids):
+            raise KmfeatError(f"pool.grid: expected a grid size or a list of distinct sizes, got {self.grid!r}")
+        if self.pool not in POOL_KINDS:
+            raise KmfeatError(f"pool.kind: expected one of {', '.join(POOL_KINDS)}, got {self.pool!r}")
+        if self.split and self.kind not in ("soft", "knn"):
+            raise KmfeatError(f"encode.split: only the soft and knn codes have a sign split, not {self.kind!r}")
         if self.batch is not None:
             _positive_int("encode.batch", self.batch)
         if not np.isfinite(self.alpha) or self.alpha < 0:
@@ -160,6 +195,11 @@ class Encoder:
             raise KmfeatError(f"patches.rf: centroids have dimension {d}, not a multiple of rf*rf = {self.rf ** 2}")
         if self.kind == "soft" and (np.linalg.norm(c, axis=1) == 0).any():
             raise KmfeatError("kmeans: a centroid is all zeros, so soft encoding cannot normalize it")
+        if self.kind == "knn":
+            q = self.q
+            if isinstance(q, bool) or not (0 < q < 1 or (q >= 1 and q == int(q) and q <= c.shape[0])):
+                raise KmfeatError(f"encode.q: expected a fraction in (0, 1) or a whole count in 1..k={c.shape[0]}, "
+                                  f"got {q!r}")
 
     def _prepare(self):
         """Device-side affine maps: whitening z = W p + (-W m), and e = bias + scale * c.z for the code."""
@@ -171,16 +211,26 @@ class Encoder:
             weight, bias = c / np.linalg.norm(c, axis=1, keepdims=True), np.full(self.k_, -float(self.alpha))
         else:
             weight, bias = -2 * c, (c * c).sum(1)
+        self.halves_ = 2 if self.split else 1
+        if self.split:  # the codes of -z: soft -c_hat.z - alpha, knn distances ||c||^2 + 2 z.c
+            weight, bias = np.concatenate([weight, -weight]), np.concatenate([bias, bias])
+        self.q_ = max(1, min(self.k_, round(self.q * self.k_))) if self.q < 1 else int(self.q)
+        self.levels_, self.fine_ = levels(self.grid), finest(self.grid)
         as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=dev)
         self.whiten_ = Linear(as_tensor(W), as_tensor(-(np.asarray(self.whiten_mean, np.float64) @ W.T)))
         self.code_ = Linear(as_tensor(weight), as_tensor(bias))
-        self.compile_ = compile_mode() != "off" and self.kind != "hard"
+        self.compile_ = compile_mode() != "off" and self.kind in ("triangle", "soft")
         self.compiled_once_ = False
         self.work_seen_ = 0
 
     @property
+    def n_codes(self) -> int:
+        """Codes per position: k, or 2k with the sign split."""
+        return self.halves_ * self.k_
+
+    @property
     def n_features(self) -> int:
-        return self.grid * self.grid * self.k_
+        return n_cells(self.grid) * self.n_codes
 
     def transform(self, images, flip: bool = False) -> np.ndarray:
         """Pooled features (N, n_features) float32; flip=True encodes the mirrors images[:, :, ::-1]."""
@@ -217,7 +267,7 @@ class Encoder:
                 else type(images).__name__
             raise KmfeatError(f"encode: images must be a uint8 numpy array (N, H, W, C), got {what}")
         _, H, W, C = images.shape
-        rf, s, g = self.rf, self.stride, self.grid
+        rf, s, g = self.rf, self.stride, self.fine_
         if rf > min(H, W):
             raise KmfeatError(f"patches.rf: receptive field {rf} is larger than the {H}x{W} images")
         if rf * rf * C != self.d_:
@@ -225,12 +275,14 @@ class Encoder:
                               f"images gives {rf * rf * C}; use the rf and images the centroids were learned on")
         ny, nx = (H - rf) // s + 1, (W - rf) // s + 1
         if g > min(ny, nx):
-            raise KmfeatError(f"pool.grid: {g}x{g} cells do not fit the {ny}x{nx} response map "
+            what = f"{g}x{g} cells" if self.levels_ == [g] else f"the pyramid {self.grid} needs {g}x{g} cells, which"
+            raise KmfeatError(f"pool.grid: {what} do not fit the {ny}x{nx} response map "
                               f"({H}x{W} images, rf {rf}, stride {s})")
-        rows = max(1, BLOCK_ELEMENTS[self.device_] // (nx * self.k_))
+        rows = max(1, BLOCK_ELEMENTS[self.device_] // (nx * self.n_codes))
         if rows >= ny:
             rows -= rows % ny
-        return dict(H=H, W=W, C=C, ny=ny, nx=nx, rows=rows, cuts=tuple(pool_bounds(nx, g)),
+        counts = np.outer(np.diff(pool_bounds(ny, g)), np.diff(pool_bounds(nx, g)))
+        return dict(H=H, W=W, C=C, ny=ny, nx=nx, rows=rows, cuts=tuple(pool_bounds(nx, g)), counts=counts,
                     cell_y=torch.as_tensor(cell_index(ny, g), device=self.device_),
                     cell_x=torch.as_tensor(cell_index(nx, g), device=self.device_))
 
@@ -241,8 +293,8 @@ class Encoder:
         else:
             free = psutil.virtual_memory().available
         per_image = 4 * (geom["ny"] * geom["nx"] * (3 * self.d_ + 2) + geom["H"] * geom["W"] * geom["C"]
-                         + 2 * self.grid * self.grid * self.k_)
-        fixed = 4 * geom["rows"] * geom["nx"] * (self.k_ + self.grid * self.k_ + self.d_)
+                         + 2 * self.fine_ ** 2 * self.n_codes)
+        fixed = 4 * geom["rows"] * geom["nx"] * (self.n_codes + self.fine_ * self.n_codes + self.d_)
         batch = max(1, (min(BATCH_BYTES[self.device_], free // 4) - fixed) // per_image)
         per_block = geom["rows"] // geom["ny"]
         return batch // per_block * per_block if batch > per_block > 0 else batch
@@ -279,17 +331,17 @@ class Encoder:
         return z.view(padded_rows, nx, d), zz.view(padded_rows, nx)
 
     def _cells(self, zb, zz, geom, out, ones):
-        """Per-row, per-column-cell code sums (grid, R, k) of one block of whitened patches zb (R*nx, d):
+        """Per-row, per-column-cell code sums or maxima (L, R, K) of one block of whitened patches zb (R*nx, d):
         e = bias + scale * z.c from one matmul, then the fused kernel (compiled) or in-place passes (eager)."""
         global _compile_broken
-        cuts = geom["cuts"]
-        e = self.code_(zb).view(zz.shape[0], zz.shape[1], self.k_)
+        cuts, reduce = geom["cuts"], "max" if self.pool == "max" else "sum"
+        e = self.code_(zb).view(zz.shape[0], zz.shape[1], self.n_codes)
         if geom["compiled"] and self.compile_:
             try:
                 if self.kind == "triangle":
-                    cells = _compiled_fn(_triangle_cells)(e, zz, cuts)
+                    cells = _compiled_fn(_triangle_cells)(e, zz, cuts, reduce)
                 else:
-                    cells = _compiled_fn(_soft_cells)(e, cuts)
+                    cells = _compiled_fn(_soft_cells)(e, cuts, reduce)
                 self.compiled_once_ = True
                 return cells
             except Exception as exc:
@@ -297,10 +349,12 @@ class Encoder:
                 _compile_broken = True
                 self.compile_ = False
         if self.kind == "triangle":
-            return _triangle_cells_(e, zz, cuts, out)
+            return _triangle_cells_(e, zz, cuts, reduce, out)
         if self.kind == "soft":
-            return _soft_cells_(e, cuts, out)
-        return _hard_cells_(e, geom["cell_x"], ones, out)
+            return _soft_cells_(e, cuts, reduce, out)
+        if self.kind == "knn":
+            return _knn_cells_(e, self.q_, self.halves_, cuts, reduce, out)
+        return _hard_cells_(e, geom["cell_x"], ones, reduce, out)
 
     @torch.no_grad()
     def _encode_batch(self, images: np.ndarray, geom) -> np.ndarray:
@@ -309,7 +363,7 @@ class Encoder:
         Compiled blocks always have geom["rows"] rows (the last one zero-padded) so the kernel
         compiles once; eager blocks shrink to the batch. Rows of padding go to a spare slot of acc.
         """
-        B, dev, g, k = len(images), self.device_, self.grid, self.k_
+        B, dev, g, k = len(images), self.device_, self.fine_, self.n_codes
         ny, nx = geom["ny"], geom["nx"]
         n_rows = B * ny
         R = geom["rows"] if geom["compiled"] else min(geom["rows"], n_rows)
@@ -324,6 +378,11 @@ class Encoder:
             ones = torch.ones(R * nx, device=dev)
             for r in range(0, padded, R):
                 cells = self._cells(z[r:r + R].view(R * nx, -1), zz[r:r + R], geom, out, ones)
-                acc.index_add_(1, slot[r:r + R], cells)
-            feats = acc[:, :B * g].view(g, B, g, k).permute(1, 2, 0, 3).reshape(B, g * g * k)
-            return feats.cpu().numpy()
+                if self.pool == "max":  # codes are >= 0, so the zero start is neutral
+                    acc.index_reduce_(1, slot[r:r + R], cells, "amax")
+                else:
+                    acc.index_add_(1, slot[r:r + R], cells)
+            fine = acc[:, :B * g].view(g, B, g, k).permute(1, 2, 0, 3)
+            if self.levels_ == [g] and self.pool == "sum":
+                return fine.reshape(B, g * g * k).cpu().numpy()
+            return pyramid(fine.cpu().numpy(), self.grid, self.pool, geom["counts"])

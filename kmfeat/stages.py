@@ -174,7 +174,8 @@ def _encode_params(cfg: PipelineConfig) -> dict:
     e = cfg.section("encode")
     e.pop("device")
     e.pop("batch")
-    return {**e, "grid": cfg.pool.grid, "rf": cfg.patches.rf, "norm_eps": cfg.patches.norm_eps}
+    return {**e, "grid": cfg.pool.grid, "pool": cfg.pool.kind, "rf": cfg.patches.rf,
+            "norm_eps": cfg.patches.norm_eps}
 
 
 def make_encoder(cfg: PipelineConfig, whiten: Entry, kmeans: Entry):
@@ -184,8 +185,8 @@ def make_encoder(cfg: PipelineConfig, whiten: Entry, kmeans: Entry):
     e = cfg.encode
     return Encoder(np.asarray(kmeans.array("centroids")), np.asarray(whiten.array("mean")),
                    np.asarray(whiten.array("matrix")), rf=cfg.patches.rf, stride=e.stride,
-                   kind=e.kind, alpha=e.alpha, grid=cfg.pool.grid, norm_eps=cfg.patches.norm_eps,
-                   device=e.device, batch=e.batch or None)
+                   kind=e.kind, alpha=e.alpha, split=e.split, q=e.q, grid=cfg.pool.grid, pool=cfg.pool.kind,
+                   norm_eps=cfg.patches.norm_eps, device=e.device, batch=e.batch or None)
 
 
 def encode_batch(encoder, image_shape) -> int:
@@ -196,7 +197,7 @@ def encode_batch(encoder, image_shape) -> int:
     _, H, W, C = image_shape
     ny, nx = (H - encoder.rf) // encoder.stride + 1, (W - encoder.rf) // encoder.stride + 1
     per_image = 4 * (max(ny, 1) * max(nx, 1) * (3 * encoder.d_ + 2) + H * W * C
-                     + 2 * encoder.grid ** 2 * encoder.k_)
+                     + 2 * encoder.fine_ ** 2 * encoder.n_codes)
     return int(max(1, BATCH_BYTES[encoder.device_] // per_image))
 
 
@@ -218,7 +219,7 @@ class _Split:
 def _open_split(ctx: Context, encoder, name: str, images: np.ndarray, flip: bool, settings: dict) -> _Split:
     """Open (or reopen) a split's output and read its checkpoint; a checkpoint written with
     other settings, or for an output that had to be recreated, is discarded."""
-    out = ctx.out.open_array(name, (len(images), encoder.n_features), np.float32)
+    out = ctx.out.open_array(name, (len(images), encoder.n_features), np.dtype(ctx.cfg.encode.dtype))
     record = ctx.out.scratch(f"progress-{name}.json")
     ctx.out.scratch(f"progress-{name}.json.part")
     done: set[int] = set()
@@ -245,9 +246,11 @@ def _encode_split(split: _Split, encoder) -> None:
             stop = start + split.shard_len(start)
             for a, b, feats in encoder.iter_transform(split.images[start:stop], flip=split.flip,
                                                       batch=split.settings["batch"]):
+                feats = feats.astype(split.out.dtype, copy=False)
                 if not np.isfinite(feats).all():
                     raise KmfeatError(f"encode: features of {split.name} images {start + a}-{start + b} contain "
-                                      f"NaN or inf; check the whitening (whiten.eps) and the input images")
+                                      f"NaN or inf (beyond the {split.out.dtype} range?); check the whitening "
+                                      f"(whiten.eps) and the input images, or use encode.dtype = \"float32\"")
                 split.out[start + a:start + b] = feats
             split.out.flush()
             release_pages(split.out)
@@ -278,7 +281,8 @@ def _compute_encode(ctx: Context) -> str:
     ctx.out.save("test_y", data.array("test_y"))
     ctx.out.meta.update(classes=data.meta["classes"], n_features=encoder.n_features,
                         splits=[s[0] for s in splits])
-    return f"{total:,} images -> {encoder.n_features:,} features ({total * encoder.n_features * 4 / 1e9:.2f} GB)"
+    size = total * encoder.n_features * np.dtype(ctx.cfg.encode.dtype).itemsize
+    return f"{total:,} images -> {encoder.n_features:,} {ctx.cfg.encode.dtype} features ({size / 1e9:.2f} GB)"
 
 
 def _train_params(cfg: PipelineConfig) -> dict:

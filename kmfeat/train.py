@@ -25,8 +25,8 @@ def make_head(h: HeadConfig, chosen: dict | None = None):
         from .heads.sklearn import SklearnHead
 
         if chosen is not None:
-            return SklearnHead(estimator=h.estimator, params={**h.params, **chosen}, grid={})
-        return SklearnHead(estimator=h.estimator, params=dict(h.params), grid=dict(h.grid))
+            return SklearnHead(estimator=h.estimator, params={**h.params, **chosen}, grid={}, power=h.power)
+        return SklearnHead(estimator=h.estimator, params=dict(h.params), grid=dict(h.grid), power=h.power)
     if h.kind == "svm":
         from .heads.svm import LinearSVMHead
 
@@ -34,13 +34,13 @@ def make_head(h: HeadConfig, chosen: dict | None = None):
         C = grid.pop("C", LinearSVMHead().C)
         if grid:
             raise KmfeatError(f"head.grid: the svm head searches only C, got {sorted(grid)}")
-        return LinearSVMHead(C=tuple(C) if isinstance(C, list) else (C,), **h.params)
+        return LinearSVMHead(C=tuple(C) if isinstance(C, list) else (C,), power=h.power, **h.params)
     from .heads.mlp import MLPHead
 
     return MLPHead(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch=h.batch, lr=h.lr,
                    weight_decay=h.weight_decay, optimizer=h.optimizer, schedule=h.schedule,
                    patience=h.patience, seed=h.seed, device=h.device, input_dropout=h.input_dropout,
-                   label_smoothing=h.label_smoothing, precision=h.precision)
+                   label_smoothing=h.label_smoothing, precision=h.precision, power=h.power)
 
 
 def training_rows(features: Entry, idx: np.ndarray):

@@ -84,7 +84,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def __init__(self, hidden=512, dropout=0.5, epochs=40, batch=256, lr=1e-3, weight_decay=1e-4,
                  optimizer="adamw", schedule="cosine", patience=8, seed=0, device="auto", input_dropout=0.0,
-                 label_smoothing=0.0, precision="auto"):
+                 label_smoothing=0.0, precision="auto", power=1.0):
         self.hidden = hidden
         self.dropout = dropout
         self.epochs = epochs
@@ -99,6 +99,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.input_dropout = input_dropout
         self.label_smoothing = label_smoothing
         self.precision = precision
+        self.power = power
 
     def _check_params(self) -> None:
         checks = [
@@ -154,7 +155,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
 
         Xtr = np.array(X, dtype=np.float32, copy=True, order="C")
-        self.standardizer_ = Standardizer().fit(Xtr)
+        self.standardizer_ = Standardizer(power=self.power).fit(Xtr)
         self.standardizer_.transform_inplace(Xtr)
         Xt = torch.from_numpy(Xtr)
         if self.precision_ == "bf16":

@@ -46,10 +46,12 @@ def _fit_one(estimator, X, y):
 class SklearnHead(ClassifierMixin, BaseEstimator):
     """Any scikit-learn classifier by name, on standardized features; optional hyper-parameter choice on the val split."""
 
-    def __init__(self, estimator: str = "LinearSVC", params: dict | None = None, grid: dict | None = None):
+    def __init__(self, estimator: str = "LinearSVC", params: dict | None = None, grid: dict | None = None,
+                 power: float = 1.0):
         self.estimator = estimator
         self.params = params
         self.grid = grid
+        self.power = power
 
     def _combinations(self) -> list[dict]:
         grid = self.grid or {}
@@ -78,7 +80,7 @@ class SklearnHead(ClassifierMixin, BaseEstimator):
         except TypeError as e:
             raise KmfeatError(f"head.estimator: {self.estimator} cannot be built from head.params ({e})") from None
 
-        self.standardizer_ = Standardizer().fit(X)
+        self.standardizer_ = Standardizer(power=self.power).fit(X)
         self.n_features_in_ = X.shape[1]
         Xs = self.standardizer_.transform(X)
         Xv = self.standardizer_.transform(X_val) if has_val else None

@@ -146,12 +146,13 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
     coef_ and intercept_ act on standardized features: decision = standardizer_.transform(X) @ coef_.T + intercept_.
     """
 
-    def __init__(self, C=(0.0001, 0.001, 0.01), max_iter=2000, tol=1e-6, device="auto", dtype="float32"):
+    def __init__(self, C=(0.0001, 0.001, 0.01), max_iter=2000, tol=1e-6, device="auto", dtype="float32", power=1.0):
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
         self.dtype = dtype
+        self.power = power
 
     def _check_params(self) -> list[float]:
         values = _c_values(self.C)
@@ -184,7 +185,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         dev = resolve_device(self.device)
         dtype = DTYPES[self.dtype]
         self.n_features_in_ = X.shape[1]
-        self.standardizer_ = Standardizer(eps=0.01).fit(X)
+        self.standardizer_ = Standardizer(eps=0.01, power=self.power).fit(X)
         Xt = self._device_matrix(self._standardized(X, dtype), dev)
         Y = torch.full((X.shape[0], len(self.classes_)), -1.0, dtype=dtype)
         Y[torch.arange(X.shape[0]), torch.from_numpy(y_idx.astype(np.int64))] = 1.0

@@ -28,13 +28,24 @@ def reference_normalize(p, norm_eps=10.0):
     return (p - mu) / np.sqrt(((p - mu) ** 2).mean(axis=-1, keepdims=True) + norm_eps)
 
 
-def reference_codes(z, centroids, kind, alpha=0.5):
-    """Codes (n, k) of whitened patches z (n, d) in float64."""
+def reference_q(q, k):
+    """knn's q as a count: a fraction of k (rounded, at least 1) or a count as given."""
+    return max(1, min(k, round(q * k))) if q < 1 else int(q)
+
+
+def reference_codes(z, centroids, kind, alpha=0.5, q=0.25, split=False):
+    """Codes (n, k) of whitened patches z (n, d) in float64; split: [codes of z, codes of -z] (n, 2k)."""
+    if split:
+        return np.concatenate([reference_codes(s * z, centroids, kind, alpha, q) for s in (1, -1)], axis=1)
     c = np.asarray(centroids, dtype=np.float64)
     if kind == "soft":
         c_hat = c / np.sqrt((c ** 2).sum(axis=1, keepdims=True))
         return np.maximum(z @ c_hat.T - alpha, 0.0)
     dist = np.sqrt(((z[:, None, :] - c[None, :, :]) ** 2).sum(axis=-1))
+    if kind == "knn":
+        codes = np.zeros_like(dist)
+        np.put_along_axis(codes, np.argsort(dist, axis=1)[:, :reference_q(q, len(c))], 1.0, axis=1)
+        return codes
     if kind == "hard":
         codes = np.zeros_like(dist)
         codes[np.arange(len(dist)), dist.argmin(axis=1)] = 1.0
@@ -43,25 +54,31 @@ def reference_codes(z, centroids, kind, alpha=0.5):
 
 
 def reference_encode(images, centroids, mean, W, rf=6, stride=1, kind="triangle", alpha=0.5, grid=2,
-                     norm_eps=10.0):
-    """Pooled features float64 (N, grid*grid*k) of uint8 images (N, H, W, C)."""
+                     norm_eps=10.0, split=False, q=0.25, pool="sum"):
+    """Pooled features float64 (N, sum(g*g) * K) of uint8 images (N, H, W, C); grid an int or a
+    list of levels (concatenated in list order), each cell pooled by sum, mean or max."""
     mean = np.asarray(mean, dtype=np.float64)
     W = np.asarray(W, dtype=np.float64)
-    k = len(centroids)
+    grids = grid if isinstance(grid, list) else [grid]
+    reduce = {"sum": np.sum, "mean": np.mean, "max": np.max}[pool]
     out = []
     for image in np.asarray(images):
         p = reference_patches(image, rf, stride)
         ny, nx, d = p.shape
         z = (reference_normalize(p.reshape(-1, d), norm_eps) - mean) @ W.T
-        f = reference_codes(z, centroids, kind, alpha).reshape(ny, nx, k)
-        by, bx = reference_bounds(ny, grid), reference_bounds(nx, grid)
-        feats = np.zeros(grid * grid * k)
-        for gy in range(grid):
-            for gx in range(grid):
-                cell = f[by[gy]:by[gy + 1], bx[gx]:bx[gx + 1]]
-                feats[(gy * grid + gx) * k:(gy * grid + gx + 1) * k] = cell.sum(axis=(0, 1))
-        out.append(feats)
-    return np.array(out).reshape(len(out), grid * grid * k)
+        f = reference_codes(z, centroids, kind, alpha, q, split).reshape(ny, nx, -1)
+        K = f.shape[-1]
+        feats = []
+        for g in grids:
+            by, bx = reference_bounds(ny, g), reference_bounds(nx, g)
+            level = np.zeros(g * g * K)
+            for gy in range(g):
+                for gx in range(g):
+                    cell = f[by[gy]:by[gy + 1], bx[gx]:bx[gx + 1]]
+                    level[(gy * g + gx) * K:(gy * g + gx + 1) * K] = reduce(cell, axis=(0, 1))
+            feats.append(level)
+        out.append(np.concatenate(feats))
+    return np.array(out).reshape(len(out), -1)
 
 
 def random_dictionary(images, rf, k, seed=0, norm_eps=10.0, symmetric=False):

@@ -235,7 +235,7 @@ def test_naive_baseline_matches_reference():
     naive = _naive_module().naive_numpy_encode
     for H, W, C, rf, stride, grid, k in GEOMETRIES[:4]:
         images, mean, Wm, centroids = _setup(H, W, C, rf, k, n=7)
-        for kind in encode.KINDS:
+        for kind in ("triangle", "hard", "soft"):  # the kinds the naive baseline implements
             out = naive(images, centroids, mean, Wm, rf=rf, stride=stride, kind=kind, grid=grid, batch=3)
             ref = reference_encode(images, centroids, mean, Wm, rf, stride, kind, 0.5, grid)
             _assert_close(out, ref, rtol=1e-3)
@@ -376,3 +376,67 @@ def test_linear_probe_rejects_reduced_precision_and_failures():
     assert not agrees_with_float64(bf16, weight, bias)
     assert not agrees_with_float64(lambda x: x[:, :3], weight, bias)
     assert not agrees_with_float64(lambda x: 1 / 0, weight, bias)
+
+
+# (H, W, C, rf, stride, k): odd, non-square sizes
+CODE_GEOMETRIES = [(9, 11, 3, 3, 1, 7), (13, 10, 1, 5, 2, 16), (16, 13, 3, 6, 1, 33)]
+CODES = [("soft", True, 0.25), ("knn", False, 0.25), ("knn", True, 0.4), ("knn", True, 3), ("knn", False, 1)]
+
+
+@pytest.mark.parametrize("kind,split,q", CODES)
+@pytest.mark.parametrize("H,W,C,rf,stride,k", CODE_GEOMETRIES)
+def test_split_and_knn_codes_match_reference(kind, split, q, H, W, C, rf, stride, k):
+    images, mean, Wm, centroids = _setup(H, W, C, rf, k)
+    enc = Encoder(centroids, mean, Wm, rf=rf, stride=stride, kind=kind, alpha=0.25, split=split, q=q, grid=2)
+    out = enc.transform(images)
+    ref = reference_encode(images, centroids, mean, Wm, rf, stride, kind, 0.25, 2, split=split, q=q)
+    assert enc.n_codes == (2 if split else 1) * k
+    assert out.shape == (len(images), 4 * enc.n_codes) == (len(images), enc.n_features)
+    _assert_close(out, ref)
+
+
+def test_knn_codes_count_q_per_position():
+    """Each position sets exactly q codes per sign: a 1x1 sum pool counts positions x q."""
+    images, mean, Wm, centroids = _setup(12, 9, 3, 3, 20)
+    for q, count in ((0.3, 6), (5, 5)):
+        out = Encoder(centroids, mean, Wm, rf=3, kind="knn", split=True, q=q, grid=1).transform(images)
+        assert np.array_equal(out[:, :20].sum(1), np.full(len(images), 10 * 7 * count))
+        assert np.array_equal(out[:, 20:].sum(1), np.full(len(images), 10 * 7 * count))
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean", "max"])
+@pytest.mark.parametrize("grid", [[1, 2, 4], [4, 2, 1], [3, 1], [2, 3], 3])
+@pytest.mark.parametrize("kind", encode.KINDS)
+def test_pyramids_and_pool_kinds_match_reference(kind, grid, pool):
+    """Pyramid levels in list order (either order), lcm grids that are not a level (2, 3 -> 6), every pool kind."""
+    images, mean, Wm, centroids = _setup(15, 14, 3, 3, 9)
+    enc = Encoder(centroids, mean, Wm, rf=3, kind=kind, alpha=0.25, split=kind == "soft", grid=grid, pool=pool)
+    out = enc.transform(images)
+    ref = reference_encode(images, centroids, mean, Wm, 3, 1, kind, 0.25, grid, split=kind == "soft", pool=pool)
+    levels = grid if isinstance(grid, list) else [grid]
+    assert out.shape == (len(images), sum(g * g for g in levels) * enc.n_codes)
+    _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("kind,pool", [("triangle", "max"), ("soft", "sum"), ("soft", "mean")])
+def test_compiled_pyramid_matches_reference(monkeypatch, kind, pool):
+    monkeypatch.setenv("KMFEAT_COMPILE", "1")
+    images, mean, Wm, centroids = _setup(11, 13, 3, 3, 8)
+    enc = Encoder(centroids, mean, Wm, rf=3, kind=kind, alpha=0.25, split=kind == "soft", grid=[1, 2], pool=pool)
+    out = enc.transform(images)
+    _assert_close(out, reference_encode(images, centroids, mean, Wm, 3, 1, kind, 0.25, [1, 2],
+                                        split=kind == "soft", pool=pool))
+
+
+def test_new_code_and_pool_errors():
+    _, mean, Wm, c = _setup(9, 9, 3, 3, 8)
+    for name, build in [("encode.split", lambda: Encoder(c, mean, Wm, rf=3, kind="triangle", split=True)),
+                        ("encode.q", lambda: Encoder(c, mean, Wm, rf=3, kind="knn", q=9)),
+                        ("encode.q", lambda: Encoder(c, mean, Wm, rf=3, kind="knn", q=2.5)),
+                        ("pool.kind", lambda: Encoder(c, mean, Wm, rf=3, pool="median")),
+                        ("pool.grid", lambda: Encoder(c, mean, Wm, rf=3, grid=[2, 2])),
+                        ("pool.grid", lambda: Encoder(c, mean, Wm, rf=3, grid=[1, 0]))]:
+        with pytest.raises(KmfeatError, match=name):
+            build()
+    with pytest.raises(KmfeatError, match="pool.grid: the pyramid"):
+        Encoder(c, mean, Wm, rf=3, grid=[2, 3]).transform(_images(2, 7, 7, 3))  # 5x5 map < 6x6

@@ -19,12 +19,13 @@ from .whiten import Whitener
 class CoatesFeaturizer(TransformerMixin, BaseEstimator):
     """fit(images): patches -> whitening -> k-means; transform(images): pooled encodings.
 
-    images are uint8 arrays (N, H, W, C); the output is float32 (N, grid*grid*k).
+    images are uint8 arrays (N, H, W, C); the output is float32 (N, cells * codes): cells = g*g summed over
+    the pyramid levels of `grid`, codes = k (2k with `split`).
     """
 
     def __init__(self, rf=6, n_patches=400_000, norm_eps=10.0, whiten="zca", whiten_eps=0.1,
                  k=1600, kmeans_iters=25, kmeans_backend="auto", kmeans_init="random", kind="triangle", alpha=0.5,
-                 stride=1, grid=2, device="auto", seed=0):
+                 stride=1, grid=2, device="auto", seed=0, split=False, q=0.25, pool="sum"):
         self.rf = rf
         self.n_patches = n_patches
         self.norm_eps = norm_eps
@@ -40,6 +41,9 @@ class CoatesFeaturizer(TransformerMixin, BaseEstimator):
         self.grid = grid
         self.device = device
         self.seed = seed
+        self.split = split
+        self.q = q
+        self.pool = pool
 
     def fit(self, X, y=None):
         patches = normalize_patches(sample_patches(X, rf=self.rf, n=self.n_patches, seed=self.seed),
@@ -50,7 +54,8 @@ class CoatesFeaturizer(TransformerMixin, BaseEstimator):
         self.kmeans_.fit(self.whitener_.transform(patches))
         self.encoder_ = Encoder(self.kmeans_.centroids_, self.whitener_.mean_, self.whitener_.W_,
                                 rf=self.rf, stride=self.stride, kind=self.kind, alpha=self.alpha,
-                                grid=self.grid, norm_eps=self.norm_eps, device=self.device)
+                                split=self.split, q=self.q, grid=self.grid, pool=self.pool,
+                                norm_eps=self.norm_eps, device=self.device)
         self.n_features_out_ = self.encoder_.n_features
         return self
 

@@ -37,3 +37,18 @@ def test_same_features_as_the_cli_stages(tmp_path):
     feat = CoatesFeaturizer(**PARAMS).fit(ds.train_x)
     np.testing.assert_allclose(feat.transform(ds.train_x), X_train, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(feat.transform(ds.test_x), X_test, rtol=1e-5, atol=1e-5)
+
+
+def test_split_codes_and_pyramid_same_as_the_cli_stages(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_train=8, n_test=3)
+    overrides = ['data.source="imagefolder"', "patches.rf=4", "patches.n=3000", "patches.seed=3",
+                 "kmeans.k=12", "kmeans.iters=4", "kmeans.seed=3", 'kmeans.backend="torch"',
+                 'encode.kind="soft"', "encode.alpha=0.25", "encode.split=true", "pool.grid=[1, 2]",
+                 'pool.kind="max"']
+    cfg = config.load(None, overrides, str(data))
+    entry = Runner(cfg, Store(tmp_path / "cache")).run("encode")
+    X_train, _, _, _ = load_features(entry.path)
+    ds = load_dataset("imagefolder", str(data))
+    feat = CoatesFeaturizer(**PARAMS, kind="soft", alpha=0.25, split=True, grid=[1, 2], pool="max").fit(ds.train_x)
+    assert X_train.shape[1] == 5 * 24 == feat.n_features_out_
+    np.testing.assert_allclose(feat.transform(ds.train_x), X_train, rtol=1e-5, atol=1e-5)

@@ -67,3 +67,22 @@ def test_errors_name_the_key(tmp_path, text, overrides, match):
 def test_missing_pipeline_file(tmp_path):
     with pytest.raises(KmfeatError, match="no such file"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_pyramid_codes_and_power_options():
+    cfg = config.load(None, ["pool.grid=[1, 2, 4]", "pool.kind=max", "encode.kind=knn", "encode.q=0.3",
+                             "encode.split=true", "encode.dtype=float16", "head.power=0.5", "head.kind=ridge"])
+    assert cfg.pool.grid == [1, 2, 4] and cfg.pool.kind == "max"
+    assert (cfg.encode.kind, cfg.encode.q, cfg.encode.split, cfg.encode.dtype) == ("knn", 0.3, True, "float16")
+    assert cfg.head.power == 0.5 and cfg.head.kind == "ridge"
+    assert config.load(None, ["pool.grid=3"]).pool.grid == 3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("pool.grid=[2, 2]", "pool.grid"), ("pool.grid=[0, 1]", "pool.grid"), ("pool.grid=[]", "pool.grid"),
+    ('pool.grid="a"', "pool.grid"), ("pool.kind=median", "pool.kind"), ("encode.q=0", "encode.q"),
+    ("encode.q=2.5", "encode.q"), ("encode.split=true", "encode.split"), ("head.power=0", "head.power"),
+    ("encode.dtype=float64", "encode.dtype")])
+def test_new_option_errors_name_the_key(override, message):
+    with pytest.raises(KmfeatError, match=message):
+        config.load(None, [override])

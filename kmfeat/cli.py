@@ -86,6 +86,28 @@ def run_all(ctx, pipeline, data, overrides, force):
                f"{entry.meta.get('test_accuracy', float('nan')):.4f} -> {entry.path}")
 
 
+@cli.command("search")
+@_pipeline_options
+@click.option("--trials", type=int, required=True, metavar="N",
+              help="Run until the study has N finished trials (a rerun adds only the missing ones).")
+@click.option("--timeout", type=float, default=None, metavar="S", help="Start no new trial after S seconds.")
+@click.option("--subset", type=int, default=0, show_default=True, metavar="N",
+              help="Fit on a class-balanced subset of N fit images (0: all of the fit split).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset and the sampler.")
+@click.pass_context
+def search(ctx, pipeline, data, overrides, force, trials, timeout, subset, seed):
+    """Optuna over the head's parameters and head.power on the cached features, scored on the
+    validation split only (never test); resumable. Writes trials.csv, search.png and best.toml
+    (run it with `kmfeat train -p best.toml`). --force starts the study afresh."""
+    from . import config
+    from .cache import Store
+    from .search import run_search
+
+    result = run_search(config.load(pipeline, overrides, data), Store(ctx.obj["cache_dir"]), trials=trials,
+                        timeout=timeout, subset=subset, seed=seed, force=force, quiet=ctx.obj["quiet"])
+    click.echo(result.summary())
+
+
 def _metrics_table(metrics: dict) -> str:
     test = metrics["test"]
     lines = [f"head            {metrics['head']}",

@@ -116,3 +116,51 @@ def plot_curves(history: list[dict], path) -> Path:
         ax.legend()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_search(trials: list[dict], path, importance: dict[str, float] | None = None,
+                log_params=(), title: str | None = None, top: int = 3) -> Path:
+    """A hyper-parameter search: val accuracy against trial (random start-up trials grey, model-guided
+    ones blue, running best as a red step line), then against each of the `top` most important
+    parameters (log x-axis for those in `log_params`; colour = trial order). `trials` holds dicts
+    {"number", "val_accuracy", "params": {name: value}, "sampler"}; the best trial is starred."""
+    done = [t for t in trials if t.get("val_accuracy") is not None]
+    if not done:
+        raise KmfeatError("plot_search: no finished trial to plot")
+    names = list(importance or {}) or list(done[0]["params"])
+    names = [n for n in names if any(n in t["params"] for t in done)][:max(0, top)]
+    number = np.array([t["number"] for t in done])
+    acc = np.array([t["val_accuracy"] for t in done], dtype=np.float64)
+    best = int(np.argmax(acc))
+    fig = Figure(figsize=(4.2 * (1 + len(names)), 3.8), dpi=100)
+    axes = np.atleast_1d(fig.subplots(1, 1 + len(names)))
+    ax = axes[0]
+    guided = np.array([t.get("sampler") != "random" for t in done])
+    for mask, colour, label in ((~guided, "tab:gray", "random start-up"), (guided, "tab:blue", "model-guided")):
+        if mask.any():
+            ax.scatter(number[mask], acc[mask], s=18, color=colour, label=label, zorder=2)
+    order = np.argsort(number)
+    ax.step(number[order], np.maximum.accumulate(acc[order]), where="post", color="tab:red", label="best so far")
+    ax.scatter([number[best]], [acc[best]], marker="*", s=160, color="tab:red", zorder=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for ax, name in zip(axes[1:], names):
+        pts = [(t["params"][name], a, n) for t, a, n in zip(done, acc, number) if name in t["params"]]
+        xs = [p[0] if isinstance(p[0], (int, float)) and not isinstance(p[0], bool) else str(p[0]) for p in pts]
+        ax.scatter(xs, [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18, zorder=2)
+        if name in done[best]["params"]:
+            value = done[best]["params"][name]
+            ax.scatter([value if not isinstance(value, (bool, str)) else str(value)], [acc[best]], marker="*",
+                       s=160, color="tab:red", zorder=3)
+        if name in log_params:
+            ax.set_xscale("log")
+        weight = (importance or {}).get(name)
+        ax.set_title(f"importance {weight:.2f}" if weight is not None else "", fontsize=9)
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or f"search: best validation accuracy {acc[best]:.4f} (trial {number[best]})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

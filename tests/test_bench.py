@@ -216,3 +216,20 @@ def test_memory_reports_peak_rss_of_encode(tmp_path, synthetic):
     assert run["images"] == 36 + 12 and run["peak_rss"] > 50e6 and run["seconds"] > 0
     assert table_row(proc.stdout, "limits 1000 + 200, k=32")[1] == "48"
     assert "(target < 3 GB: ok)" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [None, "0"])
+def test_memory_train_reports_peak_rss_of_train_on_a_synthetic_entry(tmp_path, budget):
+    extra = [] if budget is None else ["--ram-budget", budget]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.memory_train", "--k", "16", "--train", "300", "--test", "60",
+         "-o", "head.val=30", "-o", "head.hidden=8", "--work-dir", str(tmp_path), "--out", str(tmp_path / "r.json"),
+         *extra], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "KMFEAT_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n_fit"] == 2 * 270 and result["n_features"] == 64 and result["rows"] == 660
+    assert result["streamed"] is (budget == "0") and result["peak_rss"] > 50e6
+    assert 0 <= result["test_accuracy"] <= 1 and "head.epochs=1" in result["overrides"]
+    assert "peak RSS " in proc.stdout and "target is for k=8000 with flips" in proc.stdout
+    assert not list(tmp_path.glob("bench-memory-train-*")), "temporary cache left behind"

@@ -11,7 +11,7 @@ from kmfeat.heads.svm import LinearSVMHead
 from kmfeat.train import train_head
 
 
-def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0):
+def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0, dtype=np.float32):
     """An encode entry of separable synthetic features; every row is unique, so rows can be traced."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 3, (3, d))
@@ -19,10 +19,10 @@ def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0):
     store = Store(tmp_path)
     with store.lock("encode", "k"):
         w = store.writer("encode", "k", {}, {})
-        w.save("train", (centers[y] + rng.normal(0, 1, (n, d))).astype(np.float32))
+        w.save("train", (centers[y] + rng.normal(0, 1, (n, d))).astype(dtype))
         if flip:
-            w.save("train_flip", (centers[y] + rng.normal(0, 1, (n, d))).astype(np.float32))
-        w.save("test", (centers[y_test] + rng.normal(0, 1, (m, d))).astype(np.float32))
+            w.save("train_flip", (centers[y] + rng.normal(0, 1, (n, d))).astype(dtype))
+        w.save("test", (centers[y_test] + rng.normal(0, 1, (m, d))).astype(dtype))
         w.save("train_y", y.astype(np.int64))
         w.save("test_y", y_test.astype(np.int64))
         w.meta["classes"] = ["a", "b", "c"]
@@ -101,3 +101,37 @@ def test_refit_is_refused_for_the_mlp():
 
     with pytest.raises(KmfeatError, match="head.refit"):
         config.load(None, ["head.refit=true"])
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("mlp", ["head.epochs=15", "head.hidden=16", "head.lr=0.01"]),
+    ("svm", ["head.grid={C=[0.001, 0.1]}"]),
+    ("sklearn", ["head.estimator=LogisticRegression"]),
+])
+def test_float16_features_through_every_head(tmp_path, monkeypatch, kind, extra):
+    monkeypatch.setenv("KMFEAT_MLP_RAM_BUDGET", "0")  # no RAM budget: the MLP streams its batches from the memmaps
+    entry = features_entry(tmp_path, dtype=np.float16)
+    assert entry.array("train").dtype == np.float16
+    h = config.load(None, [f"head.kind={kind}", "head.val=30"] + extra).head
+    metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
+    assert metrics["test"]["accuracy"] > 0.9 and metrics["n_fit"] == 540 and metrics["n_val"] == 30
+    assert metrics["streamed"] is (True if kind == "mlp" else None)
+
+
+def test_training_rows_are_a_lazy_view_of_train_and_mirrors(tmp_path):
+    from kmfeat.rows import Rows
+    from kmfeat.train import split_features, training_rows
+
+    entry = features_entry(tmp_path, dtype=np.float16)
+    train, flip = np.asarray(entry.array("train")), np.asarray(entry.array("train_flip"))
+    idx = np.array([5, 1, 299, 42])
+    X, y = training_rows(entry, idx)
+    assert isinstance(X, Rows) and X.shape == (8, 24) and X.dtype == np.float32
+    np.testing.assert_array_equal(X[:], np.concatenate([train[idx], flip[idx]]).astype(np.float32))
+    np.testing.assert_array_equal(y, np.concatenate([idx % 3, idx % 3]))
+    X_fit, y_fit, X_val, y_val, fit_idx = split_features(entry, 30, 0)
+    assert isinstance(X_fit, Rows) and len(X_fit) == len(y_fit) == 540
+    assert isinstance(X_val, np.ndarray) and X_val.dtype == np.float16 and X_val.shape == (30, 24)
+    val_idx = np.setdiff1d(np.arange(300), fit_idx)
+    np.testing.assert_array_equal(X_val, train[val_idx])
+    np.testing.assert_array_equal(y_val, val_idx % 3)

@@ -3,14 +3,25 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from kmfeat.errors import KmfeatError
+from kmfeat.rows import Rows, as_rows
 
 CHUNK_ROWS = 8192
+CHUNK_BYTES = 128 << 20
+"""A chunked pass reads at most CHUNK_ROWS rows and about CHUNK_BYTES bytes (in its working dtype)
+at a time: at 32,000 features a float64 chunk of 8192 rows would be 2 GB."""
 
 
 def row_chunks(n: int, size: int = CHUNK_ROWS):
     """Yield (start, stop) ranges covering 0..n in steps of `size` rows."""
     for start in range(0, n, size):
         yield start, min(start + size, n)
+
+
+def chunk_rows(n_features: int, itemsize: int = 4, most: int | None = None) -> int:
+    """Rows per chunk for a pass over (N, n_features) data held as `itemsize`-byte values:
+    about CHUNK_BYTES per chunk, at most `most` (default CHUNK_ROWS) rows, at least one."""
+    most = CHUNK_ROWS if most is None else most
+    return max(1, min(most, CHUNK_BYTES // max(1, n_features * itemsize)))
 
 
 def check_features(X, name: str = "X") -> None:
@@ -63,17 +74,17 @@ class Standardizer(TransformerMixin, BaseEstimator):
     (x - mean_) / sqrt(var_ + eps), eps=0.01 (Coates).
 
     power < 1 (0.5: signed square root) evens out the heavy-tailed pooled code sums before the
-    head sees them. Statistics are accumulated in float64 over row chunks, so a read-only
-    memmap is never copied whole.
+    head sees them. Statistics are accumulated in float64 over row chunks (of about CHUNK_BYTES),
+    so a read-only memmap, a float16 one or a kmfeat.rows.Rows view is never copied whole.
     """
 
     def __init__(self, eps: float = 0.01, power: float = 1.0):
         self.eps = eps
         self.power = power
 
-    def _rows(self, X, a: int, b: int) -> np.ndarray:
-        """Rows a:b of X as a new float64 array, signed power applied."""
-        return signed_power(np.array(X[a:b], dtype=np.float64), self.power)
+    def _rows(self, X: Rows, a: int, b: int, buf: np.ndarray) -> np.ndarray:
+        """Rows a:b of the float64 view X read into (the start of) buf, signed power applied."""
+        return signed_power(X.take(np.arange(a, b), out=buf[:b - a]), self.power)
 
     def fit(self, X, y=None):
         """Learn mean_ and scale_ = sqrt(var_ + eps) (both float32) of the powered X."""
@@ -83,13 +94,16 @@ class Standardizer(TransformerMixin, BaseEstimator):
         if not (isinstance(self.power, (int, float)) and np.isfinite(self.power) and self.power > 0):
             raise KmfeatError(f"head.power: expected a number > 0 (1 = off), got {self.power!r}")
         n, f = X.shape
+        size = chunk_rows(f, 8)
+        X, buf = as_rows(X, np.float64), np.empty((min(size, n), f), np.float64)
         total = np.zeros(f, np.float64)
-        for a, b in row_chunks(n):
-            total += self._rows(X, a, b).sum(axis=0)
+        for a, b in row_chunks(n, size):
+            total += self._rows(X, a, b, buf).sum(axis=0)
         mean = total / n
         sq = np.zeros(f, np.float64)
-        for a, b in row_chunks(n):
-            d = self._rows(X, a, b) - mean
+        for a, b in row_chunks(n, size):
+            d = self._rows(X, a, b, buf)
+            d -= mean
             sq += np.einsum("ij,ij->j", d, d)
         self.var_ = (sq / n).astype(np.float32)
         self.mean_ = mean.astype(np.float32)
@@ -106,9 +120,9 @@ class Standardizer(TransformerMixin, BaseEstimator):
         """Return a new float32 array (X - mean_) / scale_, computed chunk by chunk."""
         self._check_width(X)
         out = np.empty(X.shape, np.float32)
-        for a, b in row_chunks(X.shape[0]):
-            out[a:b] = X[a:b]
-            self._apply(out[a:b])
+        X = as_rows(X)
+        for a, b in row_chunks(X.shape[0], chunk_rows(X.shape[1])):
+            self._apply(X.take(np.arange(a, b), out=out[a:b]))
         return out
 
     def transform_inplace(self, X: np.ndarray) -> np.ndarray:
@@ -116,7 +130,7 @@ class Standardizer(TransformerMixin, BaseEstimator):
         self._check_width(X)
         if X.dtype != np.float32 or not X.flags.writeable:
             raise ValueError("transform_inplace needs a writable float32 array")
-        for a, b in row_chunks(X.shape[0]):
+        for a, b in row_chunks(X.shape[0], chunk_rows(X.shape[1])):
             self._apply(X[a:b])
         return X
 

@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils import all_estimators
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import Standardizer, check_fit_data, row_chunks
+from kmfeat.heads.common import Standardizer, check_fit_data, chunk_rows, row_chunks
 from kmfeat.progress import say
 
 PREDICT_CHUNK = 8192
@@ -103,7 +103,7 @@ class SklearnHead(ClassifierMixin, BaseEstimator):
     def _chunked(self, method: str, X) -> np.ndarray:
         self.standardizer_._check_width(X)
         fn = getattr(self.estimator_, method)
-        chunks = row_chunks(X.shape[0], PREDICT_CHUNK)
+        chunks = row_chunks(X.shape[0], chunk_rows(X.shape[1], 4, PREDICT_CHUNK))
         return np.concatenate([fn(self.standardizer_.transform(X[a:b])) for a, b in chunks])
 
     def predict(self, X) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import (Standardizer, check_fit_data, load_torch_blob, row_chunks,
+from kmfeat.heads.common import (Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
                                  standardizer_from_state, standardizer_state)
 from kmfeat.heads.mlp import resolve_device
 from kmfeat.progress import bar, say
@@ -226,12 +226,13 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         self.n_iter_, self.objective_ = score["n_iter"], score["objective"]
 
     def _standardized(self, X, dtype) -> np.ndarray:
-        """One new C-contiguous array of standardized X in `dtype` (read chunk by chunk, so memmaps are fine)."""
+        """One new C-contiguous array of standardized X in `dtype` (read chunk by chunk, so memmaps, float16
+        features and kmfeat.rows.Rows views are fine: only the standardized matrix is held whole)."""
         if dtype == torch.float32:
             return self.standardizer_.transform(X)
         self.standardizer_._check_width(X)
         out = np.empty(X.shape, np.float64)
-        for a, b in row_chunks(X.shape[0]):
+        for a, b in row_chunks(X.shape[0], chunk_rows(X.shape[1])):
             out[a:b] = self.standardizer_.transform(X[a:b])
         return out
 
@@ -283,7 +284,7 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
         """One-vs-rest scores (N, n_classes), float32, standardizing X chunk by chunk (a memmap is fine)."""
         self.standardizer_._check_width(X)
         out = np.empty((X.shape[0], len(self.classes_)), np.float32)
-        for a, b in row_chunks(X.shape[0], PREDICT_CHUNK):
+        for a, b in row_chunks(X.shape[0], chunk_rows(X.shape[1], 4, PREDICT_CHUNK)):
             np.matmul(self.standardizer_.transform(X[a:b]), self.coef_.T, out=out[a:b])
             out[a:b] += self.intercept_
         return out

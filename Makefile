@@ -18,6 +18,8 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 RUN_ARGS := -p $(PIPELINE) $(if $(DATA),--data $(DATA)) $(ARGS)
 ifeq ($(HEAD),linear)
+HEAD_ARGS := -o head.kind=ridge
+else ifeq ($(HEAD),svm)
 HEAD_ARGS := -o head.kind=svm -o 'head.grid={C=[0.001, 0.002, 0.004, 0.008]}'
 else ifeq ($(HEAD),logreg)
 HEAD_ARGS := -o head.kind=sklearn -o head.estimator=LogisticRegression \
@@ -25,7 +27,7 @@ HEAD_ARGS := -o head.kind=sklearn -o head.estimator=LogisticRegression \
 else ifeq ($(HEAD),mlp)
 HEAD_ARGS := -o head.kind=mlp
 else ifneq ($(HEAD),)
-$(error HEAD=$(HEAD): expected linear, logreg or mlp (empty: the pipeline's own head))
+$(error HEAD=$(HEAD): expected linear (ridge), svm, logreg or mlp (empty: the pipeline's own head))
 endif
 
 .PHONY: venv features train test test-all bench clean-cache

@@ -284,7 +284,7 @@ def validate(cfg: PipelineConfig) -> None:
     if not 0 <= cfg.head.input_dropout < 1:
         raise KmfeatError(f"head.input_dropout: got {cfg.head.input_dropout}, expected 0 <= dropout < 1")
     if cfg.head.refit and cfg.head.kind == "mlp":
-        raise KmfeatError("head.refit: only the svm and sklearn heads refit on train + val "
+        raise KmfeatError("head.refit: only the svm, ridge and sklearn heads refit on train + val "
                           "(the MLP's epoch is chosen on val); set head.refit = false")
     if cfg.data.resize and (len(cfg.data.resize) != 2 or min(cfg.data.resize) < 1):
         raise KmfeatError(f"data.resize: got {cfg.data.resize}, expected [H, W] with H, W >= 1")

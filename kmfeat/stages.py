@@ -291,7 +291,7 @@ def _train_params(cfg: PipelineConfig) -> dict:
     mlp_only = ["hidden", "dropout", "input_dropout", "epochs", "batch", "lr", "weight_decay",
                 "optimizer", "schedule", "patience", "label_smoothing", "precision"]
     unused = {"mlp": ["estimator", "params", "grid", "refit"], "svm": mlp_only + ["estimator"],
-              "sklearn": mlp_only}[h["kind"]]
+              "ridge": mlp_only + ["estimator"], "sklearn": mlp_only}[h["kind"]]
     for name in unused:
         h.pop(name)
     return h

@@ -3,7 +3,7 @@
 The test split is touched exactly once, after the head (and its epoch or hyper-parameters)
 was chosen on the validation split held out of train. Mirrored training images (flip_train)
 join the training part only: the mirrors of validation images stay out. With `head.refit`
-(svm and sklearn heads), the chosen hyper-parameters are then refit on train + val, as the
+(svm, ridge and sklearn heads), the chosen hyper-parameters are then refit on train + val, as the
 paper does after cross-validation; val accuracy is still that of the model that never saw it.
 """
 from __future__ import annotations
@@ -36,6 +36,17 @@ def make_head(h: HeadConfig, chosen: dict | None = None):
         if grid:
             raise KmfeatError(f"head.grid: the svm head searches only C, got {sorted(grid)}")
         return LinearSVMHead(C=tuple(C) if isinstance(C, list) else (C,), power=h.power, **h.params)
+    if h.kind == "ridge":
+        from .heads.ridge import RidgeHead
+
+        grid, params = dict(chosen or h.grid), dict(h.params)
+        alpha = grid.pop("alpha", params.pop("alpha", None))
+        if grid:
+            raise KmfeatError(f"head.grid: the ridge head searches only alpha, got {sorted(grid)}")
+        allowed = sorted(set(RidgeHead().get_params()) - {"alpha", "power"})
+        if set(params) - set(allowed):
+            raise KmfeatError(f"head.params: the ridge head takes {', '.join(allowed)}, got {sorted(params)}")
+        return RidgeHead(alpha=tuple(alpha) if isinstance(alpha, list) else alpha, power=h.power, **params)
     from .heads.mlp import MLPHead
 
     return MLPHead(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch=h.batch, lr=h.lr,

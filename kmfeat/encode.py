@@ -65,8 +65,13 @@ def _triangle_cells(e, zz, cuts, reduce):
 
 
 def _soft_cells(e, cuts, reduce):
-    """Soft-threshold codes from e = c_hat.z - alpha (both halves when split), as one fusable expression."""
+    """Soft-threshold codes from e = c_hat.z - alpha, as one fusable expression."""
     return _reduce_cols(e.clamp_min(0), cuts, reduce)
+
+
+def _soft_split_cells(e, two_alpha, cuts, reduce):
+    """Both signs from one product e = c_hat.z - alpha: max(0, e) and max(0, -c_hat.z - alpha) = max(0, -e - 2 alpha)."""
+    return _reduce_cols(torch.cat([e, e.neg() - two_alpha], -1).clamp_min(0), cuts, reduce)
 
 
 def _cell_reduce_(f, cuts, reduce, out):
@@ -88,6 +93,12 @@ def _triangle_cells_(e, zz, cuts, reduce, out):
 def _soft_cells_(e, cuts, reduce, out):
     """Eager soft threshold on e = c_hat.z - alpha, in place, into out."""
     return _cell_reduce_(e.clamp_min_(0), cuts, reduce, out)
+
+
+def _soft_split_cells_(e, two_alpha, cuts, reduce, out):
+    """Eager sign split of e = c_hat.z - alpha (R, nx, k) into out (L, R, 2k)."""
+    both = torch.cat([e, torch.neg(e).sub_(two_alpha)], -1)
+    return _cell_reduce_(both.clamp_min_(0), cuts, reduce, out)
 
 
 def _knn_cells_(e, q, halves, cuts, reduce, out):
@@ -212,7 +223,7 @@ class Encoder:
         else:
             weight, bias = -2 * c, (c * c).sum(1)
         self.halves_ = 2 if self.split else 1
-        if self.split:  # the codes of -z: soft -c_hat.z - alpha, knn distances ||c||^2 + 2 z.c
+        if self.split and self.kind == "knn":  # distances of -z: ||c||^2 + 2 z.c (soft splits after one product)
             weight, bias = np.concatenate([weight, -weight]), np.concatenate([bias, bias])
         self.q_ = max(1, min(self.k_, round(self.q * self.k_))) if self.q < 1 else int(self.q)
         self.levels_, self.fine_ = levels(self.grid), finest(self.grid)
@@ -335,11 +346,14 @@ class Encoder:
         e = bias + scale * z.c from one matmul, then the fused kernel (compiled) or in-place passes (eager)."""
         global _compile_broken
         cuts, reduce = geom["cuts"], "max" if self.pool == "max" else "sum"
-        e = self.code_(zb).view(zz.shape[0], zz.shape[1], self.n_codes)
+        e = self.code_(zb).view(zz.shape[0], zz.shape[1], -1)
+        soft_split = self.kind == "soft" and self.split
         if geom["compiled"] and self.compile_:
             try:
                 if self.kind == "triangle":
                     cells = _compiled_fn(_triangle_cells)(e, zz, cuts, reduce)
+                elif soft_split:
+                    cells = _compiled_fn(_soft_split_cells)(e, 2.0 * self.alpha, cuts, reduce)
                 else:
                     cells = _compiled_fn(_soft_cells)(e, cuts, reduce)
                 self.compiled_once_ = True
@@ -350,6 +364,8 @@ class Encoder:
                 self.compile_ = False
         if self.kind == "triangle":
             return _triangle_cells_(e, zz, cuts, reduce, out)
+        if soft_split:
+            return _soft_split_cells_(e, 2.0 * self.alpha, cuts, reduce, out)
         if self.kind == "soft":
             return _soft_cells_(e, cuts, reduce, out)
         if self.kind == "knn":

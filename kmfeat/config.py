@@ -237,7 +237,12 @@ def load(path: str | Path | None, overrides=(), data: str | None = None) -> Pipe
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise KmfeatError(f"{path}: not valid TOML: {exc}") from None
         name = path.stem
-    raw = _merge(raw, parse_overrides(list(overrides)))
+    extra = parse_overrides(list(overrides))
+    head, new_head = raw.get("head"), extra.get("head")
+    if isinstance(head, dict) and isinstance(new_head, dict) and new_head.get("kind", head.get("kind")) != head.get("kind"):
+        # head.grid and head.params were written for the file's head kind, not the one -o switches to
+        raw = {**raw, "head": {k: v for k, v in head.items() if k not in ("grid", "params")}}
+    raw = _merge(raw, extra)
     if data:
         raw = _merge(raw, {"data": {"path": str(data)}})
     cfg = from_dict(raw, name)

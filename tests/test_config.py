@@ -86,3 +86,12 @@ def test_pyramid_codes_and_power_options():
 def test_new_option_errors_name_the_key(override, message):
     with pytest.raises(KmfeatError, match=message):
         config.load(None, [override])
+
+
+def test_switching_head_kind_drops_the_files_grid_and_params():
+    paper = config.load(ROOT / "pipelines/coates2011.toml", ["head.kind=ridge"])
+    assert paper.head.kind == "ridge" and paper.head.grid == {} and paper.head.params == {}
+    same = config.load(ROOT / "pipelines/coates2011.toml", ["head.grid.C=[0.1]"])
+    assert same.head.kind == "svm" and same.head.grid == {"C": [0.1]}
+    svm = config.load(ROOT / "pipelines/cifar10.toml", ["head.kind=svm", "head.grid={C=[0.01]}"])
+    assert svm.head.grid == {"C": [0.01]}

@@ -21,14 +21,18 @@ def test_shipped_pipelines_parse(name):
     assert cfg.patches.rf >= 1 and cfg.kmeans.k >= 1
 
 
-def test_cifar10_defaults_are_coates():
+def test_cifar10_defaults_are_coates_and_ng():
     cfg = config.load(ROOT / "pipelines/cifar10.toml")
     assert (cfg.patches.rf, cfg.patches.n, cfg.kmeans.k) == (6, 400_000, 1600)
-    assert (cfg.encode.kind, cfg.encode.stride, cfg.pool.grid) == ("triangle", 1, 2)
+    assert (cfg.encode.kind, cfg.encode.alpha, cfg.encode.split) == ("soft", 0.25, True)
+    assert (cfg.encode.stride, cfg.pool.grid, cfg.pool.kind) == (1, 2, "sum")
     assert cfg.whiten.method == "zca" and cfg.whiten.eps == 0.1
-    assert cfg.head.kind == "mlp" and cfg.encode.flip_train
+    assert cfg.head.kind == "mlp" and cfg.encode.flip_train and cfg.head.power == 0.5
+    large = config.load(ROOT / "pipelines/cifar10-large.toml")
+    assert large.kmeans.k == 4000 and large.encode.dtype == "float16"
     paper = config.load(ROOT / "pipelines/coates2011.toml")
     assert paper.head.kind == "svm" and not paper.encode.flip_train
+    assert (paper.encode.kind, paper.encode.split, paper.head.power) == ("triangle", False, 1.0)
 
 
 def test_overrides_and_types(tmp_path):

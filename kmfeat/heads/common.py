@@ -140,6 +140,23 @@ class Standardizer(TransformerMixin, BaseEstimator):
         block /= self.scale_
 
 
+class LinearScores:
+    """decision_function / predict of a linear head: scores = standardizer_(X) @ coef_.T + intercept_."""
+
+    def decision_function(self, X) -> np.ndarray:
+        """One-vs-rest scores (N, n_classes), float32, standardizing X chunk by chunk (a memmap is fine)."""
+        self.standardizer_._check_width(X)
+        out = np.empty((X.shape[0], len(self.classes_)), np.float32)
+        for a, b in row_chunks(X.shape[0], chunk_rows(X.shape[1], 4)):
+            np.matmul(self.standardizer_.transform(X[a:b]), self.coef_.T, out=out[a:b])
+            out[a:b] += self.intercept_
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels (values from classes_): the class with the largest score."""
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+
 def standardizer_state(std: "Standardizer") -> dict:
     """The fitted Standardizer as tensors, for a head's torch.save blob."""
     import torch

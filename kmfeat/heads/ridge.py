@@ -15,8 +15,8 @@ from scipy.linalg import blas, cho_factor, cho_solve, eigh
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import (Standardizer, check_fit_data, load_torch_blob, row_chunks, signed_power,
-                                 standardizer_from_state, standardizer_state)
+from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, load_torch_blob, row_chunks,
+                                 signed_power, standardizer_from_state, standardizer_state)
 from kmfeat.progress import bar, say
 
 GRAM_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -29,7 +29,6 @@ RELATIVE_ALPHAS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 # 16 to 28 Cholesky factorizations of the same matrix (d = 3,200 and 6,400, 2 AMD Zen 4 cores): "auto" uses eigh
 # only for grids at least this long.
 EIGH_COST_IN_CHOLESKYS = 20
-PREDICT_CHUNK = 8192
 
 
 def _copy_into(dst: np.ndarray, src) -> np.ndarray:
@@ -59,7 +58,7 @@ def _alpha_values(alpha) -> list[float] | None:
     return sorted({float(a) for a in values})
 
 
-class RidgeHead(ClassifierMixin, BaseEstimator):
+class RidgeHead(LinearScores, ClassifierMixin, BaseEstimator):
     """One-vs-rest least squares with +-1 targets on standardized features, solved in closed form; alpha chosen
     on the validation split.
 
@@ -255,19 +254,6 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
             raise KmfeatError(f"head.grid.alpha: alpha={alpha:g} is too small for these features "
                               "(the regularized Gram matrix is not positive definite); use a larger alpha") from None
         return cho_solve(factor, ZtY, check_finite=False)
-
-    def decision_function(self, X) -> np.ndarray:
-        """One-vs-rest scores (N, n_classes), float32, standardizing X chunk by chunk (a memmap is fine)."""
-        self.standardizer_._check_width(X)
-        out = np.empty((X.shape[0], len(self.classes_)), np.float32)
-        for a, b in row_chunks(X.shape[0], PREDICT_CHUNK):
-            np.matmul(self.standardizer_.transform(X[a:b]), self.coef_.T, out=out[a:b])
-            out[a:b] += self.intercept_
-        return out
-
-    def predict(self, X) -> np.ndarray:
-        """Predicted labels (values from classes_): the class with the largest score."""
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
 
     def save(self, path) -> None:
         """torch.save of params, weights, standardizer arrays, classes and the grid scores (no pickled code)."""

@@ -14,7 +14,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import (Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
+from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
                                  standardizer_from_state, standardizer_state)
 from kmfeat.heads.mlp import resolve_device
 from kmfeat.progress import bar, say
@@ -23,7 +23,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MAX_LINE_SEARCH = 25
 HISTORY = 30
 WINDOW = 5
-PREDICT_CHUNK = 8192
 
 
 def agrees_with_float64(op) -> bool:
@@ -134,7 +133,7 @@ def _c_values(C) -> list[float]:
     return sorted({float(c) for c in values})
 
 
-class LinearSVMHead(ClassifierMixin, BaseEstimator):
+class LinearSVMHead(LinearScores, ClassifierMixin, BaseEstimator):
     """One-vs-rest linear L2-SVM (squared hinge) on standardized features, trained in torch with full-batch L-BFGS;
     C chosen on the validation split.
 
@@ -279,19 +278,6 @@ class LinearSVMHead(ClassifierMixin, BaseEstimator):
                 converged = settled or loss == history[-2] or gnorm <= self.tol * g0
         W.grad = b.grad = None
         return history[-1], len(history) - 1, objective.n_evals, converged
-
-    def decision_function(self, X) -> np.ndarray:
-        """One-vs-rest scores (N, n_classes), float32, standardizing X chunk by chunk (a memmap is fine)."""
-        self.standardizer_._check_width(X)
-        out = np.empty((X.shape[0], len(self.classes_)), np.float32)
-        for a, b in row_chunks(X.shape[0], chunk_rows(X.shape[1], 4, PREDICT_CHUNK)):
-            np.matmul(self.standardizer_.transform(X[a:b]), self.coef_.T, out=out[a:b])
-            out[a:b] += self.intercept_
-        return out
-
-    def predict(self, X) -> np.ndarray:
-        """Predicted labels (values from classes_): the class with the largest score."""
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
 
     def save(self, path) -> None:
         """torch.save of params, weights, standardizer arrays, classes and the grid scores (no pickled code)."""

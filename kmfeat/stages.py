@@ -270,6 +270,8 @@ def _compute_encode(ctx: Context) -> str:
     splits = [("train", train_x, False), ("test", test_x, False)]
     if ctx.cfg.encode.flip_train:
         splits.insert(1, ("train_flip", train_x, True))
+    if ctx.cfg.encode.flip_test:
+        splits.append(("test_flip", test_x, True))
     opened = [_open_split(ctx, encoder, name, images, flip, settings) for name, images, flip in splits]
     total = sum(len(s.images) for s in opened)
     done = sum(s.shard_len(start) for s in opened for start in s.done)

@@ -52,3 +52,16 @@ def test_split_codes_and_pyramid_same_as_the_cli_stages(tmp_path):
     feat = CoatesFeaturizer(**PARAMS, kind="soft", alpha=0.25, split=True, grid=[1, 2], pool="max").fit(ds.train_x)
     assert X_train.shape[1] == 5 * 24 == feat.n_features_out_
     np.testing.assert_allclose(feat.transform(ds.train_x), X_train, rtol=1e-5, atol=1e-5)
+
+
+def test_flip_test_encodes_the_mirrored_test_images(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_train=6, n_test=3)
+    overrides = ['data.source="imagefolder"', "patches.rf=4", "patches.n=3000", "kmeans.k=12", "kmeans.iters=4",
+                 'kmeans.backend="torch"', "encode.flip_train=true", "encode.flip_test=true"]
+    cfg = config.load(None, overrides, str(data))
+    entry = Runner(cfg, Store(tmp_path / "cache")).run("encode")
+    assert entry.meta["splits"] == ["train", "train_flip", "test", "test_flip"]
+    ds = load_dataset("imagefolder", str(data))
+    feat = CoatesFeaturizer(rf=4, n_patches=3000, k=12, kmeans_iters=4, kmeans_backend="torch").fit(ds.train_x)
+    np.testing.assert_allclose(entry.array("test_flip"), feat.transform(ds.test_x[:, :, ::-1]), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(entry.array("test_flip"), entry.array("test"))

@@ -11,7 +11,7 @@ from kmfeat.heads.svm import LinearSVMHead
 from kmfeat.train import train_head
 
 
-def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0, dtype=np.float32):
+def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0, dtype=np.float32, flip_test=False):
     """An encode entry of separable synthetic features; every row is unique, so rows can be traced."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 3, (3, d))
@@ -23,6 +23,8 @@ def features_entry(tmp_path, flip=True, n=300, m=90, d=24, seed=0, dtype=np.floa
         if flip:
             w.save("train_flip", (centers[y] + rng.normal(0, 1, (n, d))).astype(dtype))
         w.save("test", (centers[y_test] + rng.normal(0, 1, (m, d))).astype(dtype))
+        if flip_test:
+            w.save("test_flip", (centers[y_test] + rng.normal(0, 1, (m, d))).astype(dtype))
         w.save("train_y", y.astype(np.int64))
         w.save("test_y", y_test.astype(np.int64))
         w.meta["classes"] = ["a", "b", "c"]
@@ -135,3 +137,38 @@ def test_training_rows_are_a_lazy_view_of_train_and_mirrors(tmp_path):
     val_idx = np.setdiff1d(np.arange(300), fit_idx)
     np.testing.assert_array_equal(X_val, train[val_idx])
     np.testing.assert_array_equal(y_val, val_idx % 3)
+
+
+@pytest.mark.parametrize("kind,extra", [("ridge", []), ("mlp", ["head.epochs=5", "head.hidden=8"]),
+                                        ("sklearn", ["head.estimator=LogisticRegression"])])
+def test_mirror_averaging_sums_scores_over_both_views(tmp_path, kind, extra):
+    """head.tta: val and test labels are the argmax of the summed scores on the image and its mirror."""
+    from kmfeat.heads.common import validation_split
+    from kmfeat.train import make_head
+
+    entry = features_entry(tmp_path, flip_test=True, d=6, seed=3)
+    opts = [f"head.kind={kind}", "head.val=60", "encode.flip_train=true", "encode.flip_test=true"] + extra
+    h = config.load(None, opts + ["head.tta=true"]).head
+    metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
+    _, val_idx = validation_split(np.asarray(entry.array("train_y")), 60, 0)
+    head = make_head(h)
+    head = type(head).load(tmp_path / "train" / ".tmp-t" / ("model.joblib" if kind == "sklearn" else "model.pt"))
+    score = head.predict_proba if hasattr(head, "predict_proba") else head.decision_function
+    y, y_test = np.asarray(entry.array("train_y")), np.asarray(entry.array("test_y"))
+    val = (score(np.asarray(entry.array("train"))[val_idx]) + score(np.asarray(entry.array("train_flip"))[val_idx]))
+    test = score(np.asarray(entry.array("test"))) + score(np.asarray(entry.array("test_flip")))
+    assert metrics["val_accuracy"] == pytest.approx(np.mean(head.classes_[val.argmax(1)] == y[val_idx]))
+    assert metrics["test"]["accuracy"] == pytest.approx(np.mean(head.classes_[test.argmax(1)] == y_test))
+    single = np.mean(head.predict(np.asarray(entry.array("test"))) == y_test)
+    assert metrics["mirror_averaged"] and metrics["test_accuracy_without_mirror_averaging"] == pytest.approx(single)
+
+
+def test_mirror_averaging_needs_mirrored_features(tmp_path):
+    from kmfeat.errors import KmfeatError
+
+    with pytest.raises(KmfeatError, match="head.tta"):
+        config.load(None, ["head.tta=true", "encode.flip_train=true"])
+    entry = features_entry(tmp_path)
+    h = config.load(None, ["head.tta=true", "encode.flip_train=true", "encode.flip_test=true"]).head
+    with pytest.raises(KmfeatError, match="head.tta: these features have no mirrored"):
+        train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))

@@ -157,6 +157,20 @@ class LinearScores:
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
 
+def mirror_predict(head, X, X_mirror) -> np.ndarray:
+    """Labels from a head's class scores summed over the images and their mirrors (test-time flip
+    averaging): probabilities where the head gives them, else its decision values."""
+    for method in ("predict_proba", "decision_function"):
+        if hasattr(head, method):
+            try:
+                scores = getattr(head, method)(X) + getattr(head, method)(X_mirror)
+            except KmfeatError:  # an sklearn estimator without this method
+                continue
+            return head.classes_[np.asarray(scores).argmax(axis=1)]
+    raise KmfeatError(f"head.tta: {type(head).__name__} gives neither probabilities nor decision values; "
+                      f"set head.tta = false")
+
+
 def standardizer_state(std: "Standardizer") -> dict:
     """The fitted Standardizer as tensors, for a head's torch.save blob."""
     import torch

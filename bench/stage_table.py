@@ -68,7 +68,7 @@ def stage_work(stage: str, cache: Path, keys: dict[str, str]) -> tuple[int, str]
         return _rows(_manifest(cache, "patches", keys["patches"]), "patches"), "patches"
     encode = _manifest(cache, "encode", keys["encode"])
     if stage == "encode":
-        return _rows(encode, "train", "train_flip", "test"), "images"
+        return _rows(encode, "train", "train_flip", "test", "test_flip"), "images"
     return _rows(encode, "train", "train_flip"), "images"
 
 

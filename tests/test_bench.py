@@ -169,7 +169,7 @@ def test_stage_table_has_a_measured_row_per_stage(tmp_path, data, _):
     n_train, n_test = (1000, 200) if HAVE_REAL else (36, 12)
     assert by["data"]["work"] == n_train + n_test == result["total_images"]
     assert by["patches"]["work"] == 20000 and by["patches"]["unit"] == "patches"
-    assert by["encode"]["work"] == 2 * n_train + n_test  # pipelines/cifar10.toml adds flipped train images
+    assert by["encode"]["work"] == 2 * (n_train + n_test)  # pipelines/cifar10.toml adds flipped train and test images
     total = table_row(proc.stdout, "total")
     assert float(total[2]) == pytest.approx(sum(s["median_wall"] for s in result["stages"]), abs=0.1)
     assert not list(tmp_path.glob("bench-cache-*")), "temporary caches left behind"

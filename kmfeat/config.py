@@ -273,9 +273,6 @@ def validate(cfg: PipelineConfig) -> None:
         raise KmfeatError(f"encode.q: got {q}, expected a fraction of k in (0, 1) or a whole count >= 1")
     if cfg.encode.split and cfg.encode.kind not in ("soft", "knn"):
         raise KmfeatError(f"encode.split: only the soft and knn codes have a sign split, not {cfg.encode.kind!r}")
-    if cfg.head.tta and not (cfg.encode.flip_train and cfg.encode.flip_test):
-        raise KmfeatError("head.tta: averaging over mirrors needs mirrored features of val and test; "
-                          "set encode.flip_train = true and encode.flip_test = true")
     if not cfg.head.power > 0:
         raise KmfeatError(f"head.power: got {cfg.head.power}, expected > 0 (1 = off, 0.5 = signed square root)")
     _positive("data.limit_train", cfg.data.limit_train, 0)

@@ -5,7 +5,7 @@ was chosen on the validation split held out of train. Mirrored training images (
 join the training part only: the mirrors of validation images stay out. With `head.refit`
 (svm, ridge and sklearn heads), the chosen hyper-parameters are then refit on train + val, as the
 paper does after cross-validation; val accuracy is still that of the model that never saw it.
-With `head.tta`, val and test predictions sum the head's class scores over each image and its
+With `head.tta` (and mirrored val/test features), val and test predictions sum the head's class scores over each image and its
 mirror (train_flip rows of the val images, test_flip); the MLP still picks its epoch on plain val.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from .cache import Entry, Writer
 from .config import HeadConfig
 from .errors import KmfeatError
+from .progress import say
 from .rows import Rows
 
 
@@ -92,15 +93,16 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
 
     start = time.time()
     classes = features.meta["classes"]
-    if h.tta and not (features.has("train_flip") and features.has("test_flip")):
-        raise KmfeatError("head.tta: these features have no mirrored val/test images; encode with "
-                          "encode.flip_train = true and encode.flip_test = true")
+    tta = h.tta and features.has("train_flip") and features.has("test_flip")
+    if h.tta and not tta:
+        say("train: head.tta is on but the features have no mirrored val/test images (encode.flip_train and "
+            "encode.flip_test); predicting without mirror averaging")
     X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed)
     head = make_head(h).fit(X_fit, y_fit, X_val, y_val)
     val_acc = float("nan")
     if X_val is not None:
         val_pred = head.predict(X_val)
-        if h.tta:
+        if tta:
             val_idx = np.setdiff1d(np.arange(len(features.array("train_y"))), fit_idx)
             val_pred = mirror_predict(head, X_val, Rows([(features.array("train_flip"), val_idx)]).materialize())
         val_acc = float((val_pred == y_val).mean())
@@ -120,7 +122,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     train_pred = head.predict(Rows([(X_train, fit_idx)]))
     y_test = np.asarray(features.array("test_y"))
     X_test = Rows([features.array("test")])
-    if h.tta:
+    if tta:
         X_test = X_test.materialize()
         single = float((head.predict(X_test) == y_test).mean())
         test_pred = mirror_predict(head, X_test, Rows([features.array("test_flip")]).materialize())
@@ -137,8 +139,8 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
         "n_fit": int(len(y_fit)), "n_val": int(0 if y_val is None else len(y_val)), "n_test": int(len(y_test)),
         "refit_on_train_and_val": refit,
         "flipped_training_copies": features.has("train_flip"),
-        "mirror_averaged": h.tta,
-        "test_accuracy_without_mirror_averaging": single if h.tta else None,
+        "mirror_averaged": tta,
+        "test_accuracy_without_mirror_averaging": single if tta else None,
         "streamed": getattr(head, "streamed_", None),
         "epochs_run": getattr(head, "n_epochs_run_", None),
         "best_epoch": getattr(head, "best_epoch_", None),

@@ -248,9 +248,10 @@ def _encode_split(split: _Split, encoder) -> None:
                                                       batch=split.settings["batch"]):
                 feats = feats.astype(split.out.dtype, copy=False)
                 if not np.isfinite(feats).all():
+                    hint = (" (or values beyond the float16 range: use encode.dtype = \"float32\")"
+                            if split.out.dtype == np.float16 else "")
                     raise KmfeatError(f"encode: features of {split.name} images {start + a}-{start + b} contain "
-                                      f"NaN or inf (beyond the {split.out.dtype} range?); check the whitening "
-                                      f"(whiten.eps) and the input images, or use encode.dtype = \"float32\"")
+                                      f"NaN or inf; check the whitening (whiten.eps) and the input images{hint}")
                 split.out[start + a:start + b] = feats
             split.out.flush()
             release_pages(split.out)

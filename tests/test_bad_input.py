@@ -266,7 +266,7 @@ def test_status_lines_without_quiet_end_with_the_error(cache, variant):
     (["kmeans", "-o", "kmeans.k=2.5"], ["kmeans.k: got 2.5", "expected int"]),
     (["kmeans", "-o", "clusters.k=3"], ["clusters: unknown section", "valid sections"]),
     (["encode", "-o", "encode.stride=0"], ["encode.stride: got 0, expected >= 1"]),
-    (["encode", "-o", "pool.grid=0"], ["pool.grid: got 0, expected >= 1"]),
+    (["encode", "-o", "pool.grid=0"], ["pool.grid: got 0, expected a grid size >= 1"]),
     (["train", "-o", "head.dropout=-0.1"], ["head.dropout: got -0.1", "expected 0 <= dropout < 1"]),
     (["train", "-o", "head.input_dropout=-0.5"], ["head.input_dropout: got -0.5"]),
     (["data", "-o", "data.resize=[32]"], ["data.resize: got [32], expected [H, W]"]),

@@ -5,8 +5,9 @@ was chosen on the validation split held out of train. Mirrored training images (
 join the training part only: the mirrors of validation images stay out. With `head.refit`
 (svm, ridge and sklearn heads), the chosen hyper-parameters are then refit on train + val, as the
 paper does after cross-validation; val accuracy is still that of the model that never saw it.
-With `head.tta` (and mirrored val/test features), val and test predictions sum the head's class scores over each image and its
-mirror (train_flip rows of the val images, test_flip); the MLP still picks its epoch on plain val.
+With `head.tta` (and mirrored val/test features), val and test predictions sum the head's class
+scores over each image and its mirror (train_flip rows of the val images, test_flip); the MLP still
+picks its epoch on plain val.
 """
 from __future__ import annotations
 

@@ -241,7 +241,9 @@ def load(path: str | Path | None, overrides=(), data: str | None = None) -> Pipe
         name = path.stem
     extra = parse_overrides(list(overrides))
     head, new_head = raw.get("head"), extra.get("head")
-    if isinstance(head, dict) and isinstance(new_head, dict) and new_head.get("kind", head.get("kind")) != head.get("kind"):
+    switched = isinstance(head, dict) and isinstance(new_head, dict) and \
+        new_head.get("kind", head.get("kind")) != head.get("kind")
+    if switched:
         # head.grid and head.params were written for the file's head kind, not the one -o switches to
         raw = {**raw, "head": {k: v for k, v in head.items() if k not in ("grid", "params")}}
     raw = _merge(raw, extra)

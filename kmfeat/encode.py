@@ -70,7 +70,8 @@ def _soft_cells(e, cuts, reduce):
 
 
 def _soft_split_cells(e, two_alpha, cuts, reduce):
-    """Both signs from one product e = c_hat.z - alpha: max(0, e) and max(0, -c_hat.z - alpha) = max(0, -e - 2 alpha)."""
+    """Both signs from one product e = c_hat.z - alpha: max(0, e), and
+    max(0, -c_hat.z - alpha) = max(0, -e - 2 alpha)."""
     return _reduce_cols(torch.cat([e, e.neg() - two_alpha], -1).clamp_min(0), cuts, reduce)
 
 

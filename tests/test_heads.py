@@ -68,6 +68,28 @@ def test_mlp_standardizes_with_train_statistics_only():
     assert not np.allclose(a.standardizer_.mean_, np.concatenate([X, Xv]).mean(0), atol=1e-3)
 
 
+@pytest.mark.parametrize("power", [0.5, 0.25, 1.7])
+def test_power_against_float64_reference_fitted_on_train_rows_only(power):
+    """head.power: sign(x)|x|^p, then train-only standardization; val and test never move the statistics."""
+    rng = np.random.default_rng(4)
+    X = (rng.normal(size=(150, 9)) * rng.uniform(0.5, 4, 9)).astype(np.float32)
+    p64 = np.sign(X.astype(np.float64)) * np.abs(X.astype(np.float64)) ** power
+    std = Standardizer(power=power).fit(X)
+    np.testing.assert_allclose(std.mean_, p64.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std.scale_, np.sqrt(p64.var(0) + 0.01), rtol=1e-5)
+    Xt = (rng.normal(size=(40, 9)) * 3).astype(np.float32)
+    want = (np.sign(Xt.astype(np.float64)) * np.abs(Xt.astype(np.float64)) ** power - p64.mean(0)) / np.sqrt(
+        p64.var(0) + 0.01)
+    np.testing.assert_allclose(std.transform(Xt), want, rtol=1e-4, atol=1e-5)
+    Xv, yv = blobs(60, d=9, seed=5)
+    y = np.arange(150) % 4
+    for head in (MLPHead(hidden=4, epochs=1, device="cpu", power=power), SklearnHead("RidgeClassifier", power=power)):
+        a = head.fit(X, y, Xv, yv).standardizer_
+        b = type(head)(**head.get_params()).fit(X, y, Xv * 5 - 2, yv).standardizer_
+        np.testing.assert_array_equal(a.mean_, std.mean_)
+        np.testing.assert_array_equal(b.scale_, std.scale_)
+
+
 # ---------- validation_split ----------
 
 def test_validation_split_balanced_disjoint_seeded():

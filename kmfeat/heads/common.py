@@ -156,6 +156,26 @@ class LinearScores:
         """Predicted labels (values from classes_): the class with the largest score."""
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
+    def _linear_state(self) -> dict:
+        """What every linear head's torch.save blob holds: params, weights, standardizer, classes, grid."""
+        import torch
+
+        return {"params": self.get_params(), "coef": torch.from_numpy(self.coef_),
+                "intercept": torch.from_numpy(self.intercept_), **standardizer_state(self.standardizer_),
+                "classes": self.classes_.tolist(), "classes_dtype": self.classes_.dtype.str,
+                "best_params": self.best_params_, "grid_scores": self.grid_scores_}
+
+    @classmethod
+    def _from_linear_state(cls, blob: dict):
+        """A fitted head of this class from the fields _linear_state wrote."""
+        head = cls(**blob["params"])
+        std = standardizer_from_state(blob)
+        head.standardizer_, head.n_features_in_ = std, std.n_features_in_
+        head.coef_, head.intercept_ = blob["coef"].numpy(), blob["intercept"].numpy()
+        head.classes_ = np.asarray(blob["classes"], dtype=np.dtype(blob["classes_dtype"]))
+        head.best_params_, head.grid_scores_ = blob["best_params"], blob["grid_scores"]
+        return head
+
 
 def mirror_predict(head, X, X_mirror) -> np.ndarray:
     """Labels from a head's class scores summed over the images and their mirrors (test-time flip

@@ -16,7 +16,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
 from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, load_torch_blob, row_chunks,
-                                 signed_power, standardizer_from_state, standardizer_state)
+                                 signed_power)
 from kmfeat.progress import bar, say
 
 GRAM_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -259,14 +259,7 @@ class RidgeHead(LinearScores, ClassifierMixin, BaseEstimator):
         """torch.save of params, weights, standardizer arrays, classes and the grid scores (no pickled code)."""
         torch.save({
             "format": "kmfeat.RidgeHead/1",
-            "params": self.get_params(),
-            "coef": torch.from_numpy(self.coef_),
-            "intercept": torch.from_numpy(self.intercept_),
-            **standardizer_state(self.standardizer_),
-            "classes": self.classes_.tolist(),
-            "classes_dtype": self.classes_.dtype.str,
-            "best_params": self.best_params_,
-            "grid_scores": self.grid_scores_,
+            **self._linear_state(),
             "alphas": list(self.alphas_),
             "solver": self.solver_,
             "timings": dict(self.timings_),
@@ -276,11 +269,6 @@ class RidgeHead(LinearScores, ClassifierMixin, BaseEstimator):
     def load(cls, path) -> "RidgeHead":
         """Rebuild a fitted RidgeHead written by save() (weights only: no pickled code is run)."""
         blob = load_torch_blob(path, "kmfeat.RidgeHead/1")
-        head = cls(**blob["params"])
-        std = standardizer_from_state(blob)
-        head.standardizer_, head.n_features_in_ = std, std.n_features_in_
-        head.coef_, head.intercept_ = blob["coef"].numpy(), blob["intercept"].numpy()
-        head.classes_ = np.asarray(blob["classes"], dtype=np.dtype(blob["classes_dtype"]))
-        head.best_params_, head.grid_scores_ = blob["best_params"], blob["grid_scores"]
+        head = cls._from_linear_state(blob)
         head.alphas_, head.solver_, head.timings_ = blob["alphas"], blob["solver"], blob["timings"]
         return head

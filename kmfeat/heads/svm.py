@@ -14,8 +14,8 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
-                                 standardizer_from_state, standardizer_state)
+from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, chunk_rows, load_torch_blob,
+                                 row_chunks)
 from kmfeat.heads.mlp import resolve_device
 from kmfeat.progress import bar, say
 
@@ -283,14 +283,7 @@ class LinearSVMHead(LinearScores, ClassifierMixin, BaseEstimator):
         """torch.save of params, weights, standardizer arrays, classes and the grid scores (no pickled code)."""
         torch.save({
             "format": "kmfeat.LinearSVMHead/1",
-            "params": self.get_params(),
-            "coef": torch.from_numpy(self.coef_),
-            "intercept": torch.from_numpy(self.intercept_),
-            **standardizer_state(self.standardizer_),
-            "classes": self.classes_.tolist(),
-            "classes_dtype": self.classes_.dtype.str,
-            "best_params": self.best_params_,
-            "grid_scores": self.grid_scores_,
+            **self._linear_state(),
             "n_iter": self.n_iter_,
             "objective": self.objective_,
         }, path)
@@ -299,11 +292,6 @@ class LinearSVMHead(LinearScores, ClassifierMixin, BaseEstimator):
     def load(cls, path) -> "LinearSVMHead":
         """Rebuild a fitted LinearSVMHead written by save() (weights only: no pickled code is run)."""
         blob = load_torch_blob(path, "kmfeat.LinearSVMHead/1")
-        head = cls(**blob["params"])
-        std = standardizer_from_state(blob)
-        head.standardizer_, head.n_features_in_ = std, std.n_features_in_
-        head.coef_, head.intercept_ = blob["coef"].numpy(), blob["intercept"].numpy()
-        head.classes_ = np.asarray(blob["classes"], dtype=np.dtype(blob["classes_dtype"]))
-        head.best_params_, head.grid_scores_ = blob["best_params"], blob["grid_scores"]
+        head = cls._from_linear_state(blob)
         head.n_iter_, head.objective_ = blob["n_iter"], blob["objective"]
         return head

@@ -18,8 +18,10 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 RUN_ARGS := -p $(PIPELINE) $(if $(DATA),--data $(DATA)) $(ARGS)
 ifeq ($(HEAD),linear)
-# power 1: on the default features the ridge head's val accuracy falls with power < 1 (0.7628 at 1, 0.7522 at 0.5)
-HEAD_ARGS := -o head.kind=ridge -o head.power=1
+# power 1: on the default features the ridge head's val accuracy falls with power < 1 (0.7628 at 1, 0.7522 at 0.5);
+# mirrors = mean: fit on each image averaged with its mirror (val 0.7728 against 0.7694 with mirrors as extra rows,
+# and half the Gram matrix's time)
+HEAD_ARGS := -o head.kind=ridge -o head.power=1 -o head.mirrors=mean
 else ifeq ($(HEAD),svm)
 HEAD_ARGS := -o head.kind=svm -o 'head.grid={C=[0.001, 0.002, 0.004, 0.008]}'
 else ifeq ($(HEAD),logreg)

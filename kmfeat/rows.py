@@ -214,6 +214,51 @@ class Rows:
         return out
 
 
+class MeanRows(Rows):
+    """The row-wise mean of Rows views of one shape: row i is (a[i] + b[i] + ...) / len(views), read lazily
+    (each read takes the same positions from every view). Used to fit on each image's features averaged with
+    its mirror's: half the rows of the mirrored copies, the very input a mirror-averaging predictor sees."""
+
+    def __init__(self, views, dtype=np.float32):
+        views = [v if isinstance(v, Rows) else Rows([v], dtype) for v in views]
+        if not views:
+            raise ValueError("MeanRows: need at least one view")
+        if len({v.shape for v in views}) != 1:
+            raise ValueError(f"MeanRows: views differ in shape {sorted({v.shape for v in views})}")
+        self.dtype = np.dtype(dtype)
+        self._views = [v if v.dtype == self.dtype else v.astype(self.dtype) for v in views]
+        self.shape = views[0].shape
+        self._scratch = None
+
+    def astype(self, dtype) -> "MeanRows":
+        return MeanRows(self._views, dtype)
+
+    @property
+    def source_dtypes(self) -> list[np.dtype]:
+        return [dt for v in self._views for dt in v.source_dtypes]
+
+    def __repr__(self) -> str:
+        return f"MeanRows(shape={self.shape}, dtype={self.dtype}, views={len(self._views)})"
+
+    def take(self, positions, out: np.ndarray | None = None) -> np.ndarray:
+        out = self._views[0].take(positions, out)
+        if len(self._views) > 1:
+            # one scratch buffer kept between reads: fresh pages cost more to fault in than the read itself
+            if self._scratch is None or self._scratch.shape[0] < len(out):
+                self._scratch = np.empty_like(out)
+            more = self._scratch[: len(out)]
+            for view in self._views[1:]:
+                out += view.take(positions, more)
+            out *= 1.0 / len(self._views)
+        return out
+
+    def release_all(self) -> None:
+        """Drop the sources' mapped pages and the scratch buffer."""
+        self._scratch = None
+        for view in self._views:
+            view.release_all()
+
+
 def as_rows(X, dtype=np.float32) -> Rows:
     """X itself when it is a Rows view of `dtype`, else a view of X (a Rows or any 2-d array) read as `dtype`."""
     if isinstance(X, Rows):

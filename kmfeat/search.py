@@ -155,7 +155,7 @@ def check_args(trials: int, timeout: float | None, subset: int, seed: int) -> No
 def search_rows(features: Entry, h: HeadConfig, subset: int = 0, seed: int = 0):
     """(X_fit, y_fit, X_val, y_val): val held out of the train images as `kmfeat train` does; the fit
     part is all other train images, or a seeded class-balanced subset of `subset` of them, plus their
-    mirrors when flips were encoded. Test rows are never read."""
+    mirrors when flips were encoded (averaged with them: head.mirrors = "mean"). Test rows are never read."""
     from .data.subset import balanced_subset
     from .heads.common import validation_split
     from .train import split_features, training_rows
@@ -164,7 +164,7 @@ def search_rows(features: Entry, h: HeadConfig, subset: int = 0, seed: int = 0):
         raise KmfeatError("head.val = 0: a search scores every trial on the validation split held out of train; "
                           "set head.val > 0, e.g. -o head.val=5000")
     if not subset:
-        X_fit, y_fit, X_val, y_val, _ = split_features(features, h.val, h.seed)
+        X_fit, y_fit, X_val, y_val, _ = split_features(features, h.val, h.seed, h.mirrors == "mean")
         return X_fit, y_fit, X_val, y_val
     y = np.asarray(features.array("train_y"))
     fit_idx, val_idx = validation_split(y, h.val, h.seed)
@@ -174,8 +174,11 @@ def search_rows(features: Entry, h: HeadConfig, subset: int = 0, seed: int = 0):
                           f"{len(fit_idx):,} images of the fit split ({len(y):,} train images minus head.val = "
                           f"{h.val:,}); use --subset 0 for all of them")
     picked = fit_idx[balanced_subset(y[fit_idx], subset, seed, what="--subset")]
-    X_fit, y_fit = training_rows(features, picked)
-    return X_fit, y_fit, np.asarray(features.array("train")[val_idx]), y[val_idx]
+    mean = h.mirrors == "mean"
+    X_fit, y_fit = training_rows(features, picked, mean)
+    X_val = training_rows(features, val_idx, True)[0].materialize() if mean else \
+        np.asarray(features.array("train")[val_idx])
+    return X_fit, y_fit, X_val, y[val_idx]
 
 
 def _fixed_head(h: HeadConfig, space: dict[str, Param]) -> dict:

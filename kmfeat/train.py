@@ -7,7 +7,9 @@ join the training part only: the mirrors of validation images stay out. With `he
 paper does after cross-validation; val accuracy is still that of the model that never saw it.
 With `head.tta` (and mirrored val/test features), val and test predictions sum the head's class
 scores over each image and its mirror (train_flip rows of the val images, test_flip); the MLP still
-picks its epoch on plain val.
+picks its epoch on plain val. With `head.mirrors = "mean"` every train, val and test image is one
+row, the mean of its features and its mirror's: the ridge head's Gram matrix over half the rows, fit
+on exactly what it predicts from.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .cache import Entry, Writer
 from .config import HeadConfig
 from .errors import KmfeatError
 from .progress import say
-from .rows import Rows
+from .rows import MeanRows, Rows
 
 
 def make_head(h: HeadConfig, chosen: dict | None = None):
@@ -59,13 +61,16 @@ def make_head(h: HeadConfig, chosen: dict | None = None):
                    label_smoothing=h.label_smoothing, precision=h.precision, power=h.power)
 
 
-def training_rows(features: Entry, idx: np.ndarray):
+def training_rows(features: Entry, idx: np.ndarray, mean: bool = False):
     """Features and labels of train images `idx`, plus their mirrors when they were encoded.
 
     The features are a kmfeat.rows.Rows view (float32 reads) of the memory-mapped train[idx] and
     train_flip[idx], not a copy: at k = 8000 with mirrors the concatenation would be 12.8 GB.
+    With `mean` (head.mirrors = "mean") each image's row is the mean of its features and its mirror's.
     """
     X, y = features.array("train"), np.asarray(features.array("train_y"))[idx]
+    if mean:
+        return MeanRows([Rows([(X, idx)]), Rows([(features.array("train_flip"), idx)])]), y
     parts = [(X, idx)]
     if features.has("train_flip"):
         parts.append((features.array("train_flip"), idx))
@@ -73,17 +78,20 @@ def training_rows(features: Entry, idx: np.ndarray):
     return Rows(parts), y
 
 
-def split_features(features: Entry, n_val: int, seed: int):
+def split_features(features: Entry, n_val: int, seed: int, mean: bool = False):
     """(X_fit, y_fit, X_val, y_val, fit_idx) from an encode entry: val held out of the
     unflipped train images; the fit part adds the mirrors of the fit images. X_fit is a lazy
     Rows view of the memory-mapped features; X_val (small) is read into RAM in the features'
-    dtype."""
+    dtype (float32 mirror means with `mean`)."""
     from .heads.common import validation_split
 
     X, y = features.array("train"), np.asarray(features.array("train_y"))
     fit_idx, val_idx = validation_split(y, n_val, seed)
-    X_fit, y_fit = training_rows(features, fit_idx)
-    X_val, y_val = (Rows([(X, val_idx)], X.dtype).materialize(), y[val_idx]) if len(val_idx) else (None, None)
+    X_fit, y_fit = training_rows(features, fit_idx, mean)
+    X_val, y_val = None, None
+    if len(val_idx):
+        view = training_rows(features, val_idx, True)[0] if mean else Rows([(X, val_idx)], X.dtype)
+        X_val, y_val = view.materialize(), y[val_idx]
     return X_fit, y_fit, X_val, y_val, fit_idx
 
 
@@ -98,7 +106,12 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     if h.tta and not tta:
         say("train: head.tta is on but the features have no mirrored val/test images (encode.flip_train and "
             "encode.flip_test); predicting without mirror averaging")
-    X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed)
+    mean = h.mirrors == "mean"
+    if mean and not (features.has("train_flip") and features.has("test_flip")):
+        raise KmfeatError("head.mirrors = \"mean\" needs mirrored train and test features; encode with "
+                          "encode.flip_train = true and encode.flip_test = true")
+    tta = tta and not mean  # mean: predictions already see each image with its mirror
+    X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed, mean)
     head = make_head(h).fit(X_fit, y_fit, X_val, y_val)
     val_acc = float("nan")
     if X_val is not None:
@@ -111,7 +124,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     if refit:
         del X_fit, y_fit
         fit_idx = np.arange(len(features.array("train_y")))
-        X_fit, y_fit = training_rows(features, fit_idx)
+        X_fit, y_fit = training_rows(features, fit_idx, mean)
         chosen = getattr(head, "best_params_", None) or {}
         selected = head
         head = make_head(h, chosen).fit(X_fit, y_fit)
@@ -120,10 +133,14 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     fit_seconds = time.time() - start
 
     X_train, y_train = features.array("train"), np.asarray(features.array("train_y"))
-    train_pred = head.predict(Rows([(X_train, fit_idx)]))
+    train_pred = head.predict(training_rows(features, fit_idx, True)[0] if mean else Rows([(X_train, fit_idx)]))
     y_test = np.asarray(features.array("test_y"))
     X_test = Rows([features.array("test")])
-    if tta:
+    single = None
+    if mean:
+        single = float((head.predict(X_test) == y_test).mean())
+        test_pred = head.predict(MeanRows([X_test, Rows([features.array("test_flip")])]))
+    elif tta:
         X_test = X_test.materialize()
         single = float((head.predict(X_test) == y_test).mean())
         test_pred = mirror_predict(head, X_test, Rows([features.array("test_flip")]).materialize())
@@ -140,8 +157,9 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
         "n_fit": int(len(y_fit)), "n_val": int(0 if y_val is None else len(y_val)), "n_test": int(len(y_test)),
         "refit_on_train_and_val": refit,
         "flipped_training_copies": features.has("train_flip"),
-        "mirror_averaged": tta,
-        "test_accuracy_without_mirror_averaging": single if tta else None,
+        "mirror_averaged": tta or mean,
+        "mirrors": h.mirrors,
+        "test_accuracy_without_mirror_averaging": single,
         "streamed": getattr(head, "streamed_", None),
         "epochs_run": getattr(head, "n_epochs_run_", None),
         "best_epoch": getattr(head, "best_epoch_", None),

@@ -76,7 +76,7 @@ def test_alpha_chosen_on_val_like_brute_force_sklearn(solver):
     X, y = blobs(300, d=60, k=4, sep=0.35, seed=3)
     Xv, yv = blobs(400, d=60, k=4, sep=0.35, seed=4)
     grid = [1e5, 0.01, 30.0, 1.0, 300.0, 3000.0]
-    head = RidgeHead(alpha=grid, gram_dtype="float64", solver=solver).fit(X, y, Xv, yv)
+    head = RidgeHead(alpha=grid, gram_dtype="float64", solver=solver, walk=False).fit(X, y, Xv, yv)
     Xs, Xvs = standardized64(head, X), standardized64(head, Xv)
     brute = []
     for alpha in sorted(grid):
@@ -93,10 +93,53 @@ def test_alpha_chosen_on_val_like_brute_force_sklearn(solver):
     assert_close(head.coef_, single.coef_, 1e-6)
 
 
+def hill_climb(scores: list[float]) -> tuple[int, set[int]]:
+    """Reference walk: from the middle index to the better neighbour (ties: the larger index) until neither
+    neighbour is better; (stop index, indices visited)."""
+    i, seen = len(scores) // 2, set()
+    while True:
+        near = [j for j in (i - 1, i, i + 1) if 0 <= j < len(scores)]
+        seen |= set(near)
+        best = max(near, key=lambda j: (scores[j], j))
+        if best == i:
+            return i, seen
+        i = best
+
+
+@pytest.mark.parametrize("seed", [3, 7, 11])
+def test_walk_solves_only_the_climb_and_picks_its_peak(seed):
+    X, y = blobs(300, d=60, k=4, sep=0.35, seed=seed)
+    Xv, yv = blobs(400, d=60, k=4, sep=0.35, seed=seed + 1)
+    grid = [0.01, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 3000.0, 1e5]
+    full = RidgeHead(alpha=grid, gram_dtype="float64", walk=False).fit(X, y, Xv, yv)
+    brute = [s["val_acc"] for s in full.grid_scores_]
+    stop, seen = hill_climb(brute)
+    head = RidgeHead(alpha=grid, gram_dtype="float64").fit(X, y, Xv, yv)
+    assert [s["params"]["alpha"] for s in head.grid_scores_] == [grid[i] for i in sorted(seen)]
+    assert [s["val_acc"] for s in head.grid_scores_] == [brute[i] for i in sorted(seen)]
+    assert len(seen) < len(grid)
+    assert head.best_params_ == {"alpha": grid[stop]}
+    assert_close(head.coef_, RidgeHead(alpha=grid[stop], gram_dtype="float64").fit(X, y).coef_, 1e-6)
+
+
+def test_an_alpha_too_small_is_skipped_not_fatal():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 5))
+    X = np.hstack([base, base @ rng.normal(size=(5, 40))]).astype(np.float32)  # rank 5 of 45 columns
+    y = (base[:, 0] > 0).astype(int)
+    Xv, yv = X[:50], y[:50]
+    head = RidgeHead(alpha=[1e-30, 1.0, 10.0], gram_dtype="float32", walk=False).fit(X, y, Xv, yv)
+    failed = [s for s in head.grid_scores_ if s["val_acc"] is None]
+    assert failed and all("too small" in s["error"] for s in failed)
+    assert head.best_params_["alpha"] in (1.0, 10.0)
+    with pytest.raises(KmfeatError, match="too small"):
+        RidgeHead(alpha=1e-30, gram_dtype="float32").fit(X, y)
+
+
 def test_default_grid_spans_decades_relative_to_trace_over_n():
     X, y = blobs(400, d=15, k=3, seed=5)
     Xv, yv = blobs(100, d=15, k=3, seed=6)
-    head = RidgeHead(gram_dtype="float64").fit(X, y, Xv, yv)
+    head = RidgeHead(gram_dtype="float64", walk=False).fit(X, y, Xv, yv)
     Xs = standardized64(head, X)
     trace_over_n = np.sum((Xs - Xs.mean(0)) ** 2) / len(X)
     np.testing.assert_allclose(head.alphas_, np.array(RELATIVE_ALPHAS) * trace_over_n, rtol=1e-9)
@@ -263,3 +306,26 @@ def test_train_stage_test_rows_never_reach_fit(tmp_path, monkeypatch, refit):
     assert np.mean(back.predict(entry.array("test")) == entry.array("test_y")) == metrics["test"]["accuracy"]
     if refit:
         assert back.alpha == metrics["best_params"]["alpha"]
+
+
+def test_float32_factorization_refines_to_the_float64_solution(capsys):
+    """gram_dtype float32 factors in float32 and refines against float64 residuals; an ill-conditioned
+    system falls back to a float64 factorization."""
+    rng = np.random.default_rng(8)
+    X, y = blobs(500, d=80, k=4, sep=0.5, seed=8)
+    head = RidgeHead(alpha=1.0).fit(X, y)
+    G, ZtY, _, _ = head._gram(X, np.searchsorted(head.classes_, y))
+    for alpha in (0.1, 10.0, 1e4):
+        f32 = head._cholesky_solve(G, ZtY, alpha)
+        ref = np.linalg.solve(np.triu(G) + np.triu(G, 1).T + alpha * np.eye(len(G)), ZtY)
+        assert_close(f32, ref, 1e-9)
+    assert "solving in float64" not in capsys.readouterr().err
+    base = rng.normal(size=(300, 3))
+    Xs = np.hstack([base, base @ rng.normal(size=(3, 60)) + 1e-4 * rng.normal(size=(300, 60))])
+    ys = (base[:, 0] > 0).astype(int)
+    exact = RidgeHead(alpha=1.0, gram_dtype="float64").fit(Xs, ys)
+    G, ZtY, _, _ = exact._gram(Xs, ys)
+    W = RidgeHead(gram_dtype="float32")._cholesky_solve(G, ZtY, 1e-5)
+    ref = np.linalg.solve(np.triu(G) + np.triu(G, 1).T + 1e-5 * np.eye(len(G)), ZtY)
+    assert "solving in float64" in capsys.readouterr().err
+    assert_close(W, ref, 1e-4)

@@ -203,3 +203,27 @@ def test_parse_size():
     for bad in ("", "-1", "G", "lots", "nan", "inf"):
         with pytest.raises(KmfeatError):
             parse_size(bad)
+
+
+def test_mean_rows_average_views_like_float64():
+    from kmfeat.rows import MeanRows, Rows
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(37, 11)).astype(np.float16), rng.normal(size=(41, 11)).astype(np.float16)
+    ia, ib = rng.permutation(37)[:23], rng.permutation(41)[:23]
+    view = MeanRows([Rows([(a, ia)]), Rows([(b, ib)])])
+    want = (a[ia].astype(np.float64) + b[ib].astype(np.float64)) / 2
+    assert view.shape == (23, 11) and len(view) == 23 and isinstance(view, Rows)
+    for pos in (np.arange(23), np.array([22, 0, 5, 5, -1]), rng.permutation(23)):
+        got = view.take(pos)
+        assert got.dtype == np.float32 and got.shape == (len(pos), 11)
+        np.testing.assert_allclose(got, want[pos], rtol=1e-6, atol=1e-6)
+    out = np.full((4, 11), np.nan, np.float32)
+    assert view.take(np.array([3, 1, 2, 0]), out=out) is out
+    np.testing.assert_allclose(out, want[[3, 1, 2, 0]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(view[2:9], want[2:9], rtol=1e-6, atol=1e-6)
+    as64 = view.astype(np.float64)
+    assert as64.take(np.arange(3)).dtype == np.float64
+    np.testing.assert_allclose(view.materialize(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        MeanRows([Rows([a]), Rows([b])])

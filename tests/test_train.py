@@ -169,3 +169,45 @@ def test_mirror_averaging_without_mirrored_test_features_says_so_and_predicts_pl
     metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
     assert not metrics["mirror_averaged"] and metrics["test_accuracy_without_mirror_averaging"] is None
     assert "without mirror averaging" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,extra", [("ridge", []), ("mlp", ["head.epochs=5", "head.hidden=8"])])
+def test_mirror_means_fit_and_predict_on_image_plus_mirror_averages(tmp_path, monkeypatch, kind, extra):
+    """head.mirrors = "mean": one row per image, (x + mirror) / 2, for fit, val and test; test rows never fit."""
+    from kmfeat.heads.common import validation_split
+    from kmfeat.heads.ridge import RidgeHead
+    from kmfeat.train import make_head
+
+    entry = features_entry(tmp_path, flip_test=True, d=6, seed=3, dtype=np.float16)
+    opts = [f"head.kind={kind}", "head.val=60", "encode.flip_train=true", "encode.flip_test=true",
+            "head.mirrors=mean"] + extra
+    h = config.load(None, opts).head
+    calls = []
+    spy(monkeypatch, RidgeHead if kind == "ridge" else MLPHead, calls)
+    metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
+    y, y_test = np.asarray(entry.array("train_y")), np.asarray(entry.array("test_y"))
+    fit_idx, val_idx = validation_split(y, 60, 0)
+
+    def mean(name, idx=slice(None)):
+        return ((np.asarray(entry.array(name), np.float64)[idx] + np.asarray(entry.array(name + "_flip"),
+                np.float64)[idx]) / 2).astype(np.float32)
+    test_mean = mean("test")
+    fit_rows = dict(calls)["fit_rows"]
+    assert fit_rows == rows(mean("train", fit_idx)) and len(fit_rows) == len(fit_idx) == metrics["n_fit"]
+    assert not fit_rows & (rows(test_mean) | rows(np.asarray(entry.array("test"), np.float32)))
+    head = make_head(h)
+    head = type(head).load(tmp_path / "train" / ".tmp-t" / "model.pt")
+    assert metrics["val_accuracy"] == pytest.approx(np.mean(head.predict(mean("train", val_idx)) == y[val_idx]))
+    assert metrics["test"]["accuracy"] == pytest.approx(np.mean(head.predict(test_mean) == y_test))
+    assert metrics["mirror_averaged"] and metrics["mirrors"] == "mean"
+
+
+def test_mirror_means_need_mirrored_train_and_test_features(tmp_path):
+    from kmfeat.errors import KmfeatError
+
+    with pytest.raises(KmfeatError, match="flip_test = true"):
+        config.load(None, ["head.mirrors=mean", "encode.flip_train=true"])
+    h = config.load(None, ["head.mirrors=mean", "encode.flip_train=true", "encode.flip_test=true",
+                           "head.kind=ridge", "head.val=30"]).head
+    with pytest.raises(KmfeatError, match="needs mirrored train and test features"):
+        train_head(h, features_entry(tmp_path), Store(tmp_path).writer("train", "t", {}, {}))

@@ -18,9 +18,10 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .errors import KmfeatError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+KEY_RE = re.compile(r"[0-9a-f]{16}")
 _SAMPLE = 1 << 20
 
 
@@ -291,6 +293,8 @@ class Store:
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict):  # garbage, or valid JSON that is not an object ([], null, "x")
             raise KmfeatError(f"{path / MANIFEST}: corrupt manifest; remove it with "
                               f"`kmfeat cache rm {stage} {key}` and rerun") from None
         return Entry(stage, key, path, manifest)
@@ -300,27 +304,54 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def checked_entry_dir(self, stage: str, key: str) -> Path:
+        """entry_dir(stage, key) for a KEY typed by a user: it must be a key (16 hex digits) naming a real folder
+        directly inside <root>/<stage>/ (not a symlink), else a KmfeatError; nothing outside the cache is named."""
+        if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+            raise KmfeatError(f"cache key {key!r}: expected 16 hexadecimal digits as `kmfeat cache ls` shows "
+                              f"(nothing removed)")
+        path = self.entry_dir(stage, key)
+        if path.is_symlink() or (path.exists() and path.resolve().parent != (self.root / stage).resolve()):
+            raise KmfeatError(f"{path}: a link out of the cache, not an entry (nothing removed)")
+        return path
+
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str, blocking: bool = True, on_wait=None):
-        """Exclusive per-key lock (flock: released by the OS if the process dies).
+    def lock(self, stage: str, key: str, blocking: bool = True, on_wait=None, shared: bool = False):
+        """Per-key lock (flock: released by the OS if the process dies): exclusive for writers, `rm` and `gc`;
+        shared for the stages that read a finished entry, so that gc and rm leave it alone meanwhile.
 
         Yields True when held; with blocking=False yields False if another process holds it.
         `on_wait()` is called once before blocking on a lock another process holds.
         """
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         with open(self._lock_path(stage, key), "a+") as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not blocking:
                     yield False
                     return
                 if on_wait is not None:
                     on_wait()
-                fcntl.flock(f, fcntl.LOCK_EX)
+                fcntl.flock(f, mode)
             try:
                 yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def reading(self, entries, on_wait=None):
+        """Shared locks on finished entries for as long as a stage reads them. Each entry is checked again once
+        its lock is held: removed or replaced in the meantime (rm, gc, --force) is a KmfeatError, not a
+        read of a half-deleted folder."""
+        with contextlib.ExitStack() as stack:
+            for entry in entries:
+                stack.enter_context(self.lock(entry.stage, entry.key, shared=True, on_wait=on_wait))
+                now = self._valid(entry.stage, entry.key)
+                if now is None or now.manifest != entry.manifest:
+                    raise KmfeatError(f"{entry.path}: removed or replaced while this run started "
+                                      f"(`kmfeat cache rm`/`gc` or --force); rerun")
+            yield
 
     def writer(self, stage: str, key: str, params: dict, inputs: dict, resume: bool = False) -> Writer:
         """Call with the key's lock held."""
@@ -370,11 +401,15 @@ class Store:
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    def _remove_unlocked(self, doomed, dry_run: bool = False) -> list[Path]:
+    def _remove_unlocked(self, doomed, dry_run: bool = False, busy: list | None = None) -> list[Path]:
+        """Remove the folders of `doomed` (stage, key, path) whose key lock nobody holds; the others go to
+        `busy` (in use: written, read or being removed by another process)."""
         removed = []
         for stage, key, path in doomed:
             with self.lock(stage, key, blocking=False) as held:
                 if not held:
+                    if busy is not None:
+                        busy.append(path)
                     continue
                 if not dry_run:
                     self.remove(path)
@@ -387,12 +422,32 @@ class Store:
         return self._remove_unlocked([(s, k, p) for s, k, p in self.leftovers()
                                       if not (s in keep_tmp and p.name.startswith(".tmp-"))])
 
-    def gc(self, keep: set[tuple[str, str]] | None = None, dry_run: bool = False) -> list[Path]:
-        """Remove unfinished temp folders not being written, and (if `keep` is given) entries not in it.
+    def gc(self, keep: dict[tuple[str, str], str] | None = None, dry_run: bool = False) -> GcReport:
+        """Remove unfinished temp folders not being written, and (if `keep` is given) the entries not in it.
 
-        Folders whose key lock is held by a running process are never touched.
+        keep maps (stage, key) to why it is kept (the pipeline that uses it). A search study is kept while the
+        encode entry it searched over is. Folders whose key lock is held (a stage writing or reading them) are
+        never touched: they are reported as busy.
         """
+        report = GcReport()
         doomed = self.leftovers()
         if keep is not None:
-            doomed += [(e.stage, e.key, e.path) for e in self.entries() if (e.stage, e.key) not in keep]
-        return self._remove_unlocked(doomed, dry_run)
+            for e in self.entries():
+                why = keep.get((e.stage, e.key))
+                source = (e.manifest.get("inputs") or {}).get("encode") if e.stage == "search" else None
+                if why is None and source is not None and ("encode", source) in keep:
+                    why = f"a search over encode/{source}"
+                if why is None:
+                    doomed.append((e.stage, e.key, e.path))
+                else:
+                    report.kept.append((e.path, why))
+        report.removed = self._remove_unlocked(doomed, dry_run, report.busy)
+        return report
+
+
+@dataclass
+class GcReport:
+    """What `Store.gc` removed, kept (path, why) and left alone because a running process holds it."""
+    removed: list[Path] = field(default_factory=list)
+    kept: list[tuple[Path, str]] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)

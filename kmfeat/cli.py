@@ -56,7 +56,18 @@ def cli(ctx: click.Context, cache_dir: str, quiet: bool) -> None:
 
     Errors exit with status 2, Ctrl-C with 130; an interrupted `encode` resumes when rerun.
     """
+    _check_cache_dir(cache_dir)
     ctx.obj = {"cache_dir": cache_dir, "quiet": quiet}
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+    """--cache-dir must be a folder or a path that can become one: its nearest existing ancestor a folder."""
+    path = Path(cache_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise KmfeatError(f"--cache-dir {cache_dir}: {p} is not a folder")
+            return
 
 
 def _stage_command(name: str):
@@ -140,25 +151,20 @@ def evaluate(ctx, pipeline, data, overrides, force):
 
 @cli.command("export")
 @_pipeline_options
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
+@click.option("--out", "out", required=True, metavar="FILE.npz",
+              help="Output .npz file: a new file, or a regular file to replace.")
 @click.pass_context
 def export(ctx, pipeline, data, overrides, force, out):
     """Write the cached features and labels to one .npz (X_train, y_train, X_test, y_test)."""
-    import numpy as np
+    from .export import export_features
 
-    entry = _runner(ctx, pipeline, data, overrides).cached("encode")
+    runner = _runner(ctx, pipeline, data, overrides)
+    entry = runner.cached("encode")
     if entry is None:
         raise KmfeatError("features not computed yet for this pipeline; run `kmfeat encode` first")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".part.npz")
-    try:
-        np.savez(tmp, X_train=entry.array("train"), y_train=entry.array("train_y"),
-                 X_test=entry.array("test"), y_test=entry.array("test_y"),
-                 classes=np.array(entry.meta["classes"]))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    click.echo(f"export: {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    with runner.store.reading([entry]):
+        path = export_features(entry, out)
+    click.echo(f"export: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @cli.group("cache")
@@ -199,39 +205,51 @@ def cache_path(ctx, stage, pipeline, data, overrides, force):
 @cache_group.command("gc")
 @click.option("-p", "--pipeline", "pipelines", multiple=True, metavar="TOML",
               help="Keep the entries of these pipelines (repeatable); others are removed.")
+@click.option("--data", "data", metavar="PATH", help="The --data the pipelines were run with (applies to each).")
+@click.option("-o", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="The -o overrides the pipelines were run with (repeatable; applies to each).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.pass_context
-def cache_gc(ctx, pipelines, dry_run):
-    """Remove unfinished temp folders, and entries not reachable from the given pipelines."""
+def cache_gc(ctx, pipelines, data, overrides, dry_run):
+    """Remove unfinished temp folders and, given pipelines (with the --data and -o they were run with; --data
+    or -o alone: the built-in default pipeline), every entry they do not use. Entries a running stage writes
+    or reads are never removed."""
     from . import config
     from .cache import Store
     from .stages import Runner
 
     store = Store(ctx.obj["cache_dir"])
     keep = None
-    if pipelines:
-        keep = set()
-        for p in pipelines:
-            keep |= Runner(config.load(p), store).keys()
-    removed = store.gc(keep, dry_run=dry_run)
-    for path in removed:
+    if pipelines or data or overrides:
+        keep = {}
+        for p in pipelines or (None,):
+            for stage_key in sorted(Runner(config.load(p, overrides, data), store).keys()):
+                keep.setdefault(stage_key, p or "the default pipeline")
+    report = store.gc(keep, dry_run=dry_run)
+    for path, why in report.kept:
+        click.echo(f"keep {path} (used by {why})")
+    for path in report.busy:
+        click.echo(f"keep {path} (in use by a running kmfeat)")
+    for path in report.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    click.echo(f"gc: {len(removed)} folder(s) {'to remove' if dry_run else 'removed'}")
+    click.echo(f"gc: {len(report.removed)} folder(s) {'to remove' if dry_run else 'removed'}, "
+               f"{len(report.kept) + len(report.busy)} kept")
 
 
 @cache_group.command("rm")
-@click.argument("stage", type=click.Choice(list(STAGE_HELP)))
+@click.argument("stage", type=click.Choice([*STAGE_HELP, "search"]))
 @click.argument("key")
 @click.pass_context
 def cache_rm(ctx, stage, key):
-    """Remove one entry (e.g. a corrupt one)."""
+    """Remove one entry (e.g. a corrupt one); KEY as `kmfeat cache ls` shows it. Waits for a run that
+    writes or reads it."""
     from .cache import Store
 
     store = Store(ctx.obj["cache_dir"])
-    path = store.entry_dir(stage, key)
-    if not path.exists():
+    path = store.checked_entry_dir(stage, key)
+    if not path.is_dir():
         raise KmfeatError(f"{path}: no such entry (see `kmfeat cache ls`)")
-    with store.lock(stage, key, on_wait=lambda: click.echo(f"waiting for the run writing {path} ...", err=True)):
+    with store.lock(stage, key, on_wait=lambda: click.echo(f"waiting for the run using {path} ...", err=True)):
         store.remove(path)
     click.echo(f"removed {path}")
 

@@ -369,8 +369,9 @@ def search_features(cfg: PipelineConfig, features: Entry, store: Store, trials: 
     key, params = search_key(features, h, space, subset, seed)
     folder = store.entry_dir("search", key)
     distributions = {name: p.distribution() for name, p in space.items()}
-    with store.lock("search", key, on_wait=lambda: log(f"search: another search is running this study ({key}); "
-                                                        f"waiting for it ...")):
+    with store.reading([features]), \
+            store.lock("search", key, on_wait=lambda: log(f"search: another search is running this study ({key}); "
+                                                           f"waiting for it ...")):
         if force and folder.exists():
             store.remove(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -383,7 +383,8 @@ class Runner:
             with self.store.lock(name, key, on_wait=waiting):
                 entry = None if name in self.force else self.store.get(name, key)
                 if entry is None:
-                    entry = self._compute(stage, key, inputs)
+                    with self.store.reading(inputs.values()):  # gc and rm leave the inputs alone meanwhile
+                        entry = self._compute(stage, key, inputs)
                     self.force.discard(name)
                 else:
                     self.log(f"{name}: cached (computed by another run) -> {entry.path}")

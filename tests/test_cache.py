@@ -85,8 +85,8 @@ def test_failure_inside_a_stage_leaves_no_valid_entry(tmp_path):
     w.save("x", np.zeros(5))
     assert store.get("s", "k2") is None and store.entries() == []
     assert [p for _, _, p in store.leftovers()] == [w.dir]
-    assert store.gc(dry_run=True) == [w.dir] and w.dir.exists()
-    assert store.gc() == [w.dir] and not w.dir.exists()
+    assert store.gc(dry_run=True).removed == [w.dir] and w.dir.exists()
+    assert store.gc().removed == [w.dir] and not w.dir.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
@@ -113,10 +113,12 @@ def test_gc_keeps_reachable_and_skips_locked(tmp_path):
     a = commit_entry(store, key="a")
     b = commit_entry(store, key="b")
     w = store.writer("s", "c", {}, {})
-    with store.lock("s", "c"):
-        removed = store.gc(keep={("s", "a")})
-    assert removed == [b.path]
-    assert a.path.exists() and w.dir.exists()
+    d = commit_entry(store, key="d")
+    with store.lock("s", "c"), store.reading([d]):
+        report = store.gc(keep={("s", "a"): "p.toml"})
+    assert report.removed == [b.path] and report.kept == [(a.path, "p.toml")]
+    assert sorted(report.busy) == sorted([w.dir, d.path])
+    assert a.path.exists() and w.dir.exists() and d.path.exists()
 
 
 class Counting:

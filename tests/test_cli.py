@@ -39,7 +39,8 @@ def test_help_lists_every_command():
     (["data", "-p", "nope.toml"], "nope.toml: no such file"),
     (["data", "--data", "/no/such/dataset.tar.gz"], "/no/such/dataset.tar.gz"),
     (["train", "-o", "head.dropout=1.5"], "head.dropout"),
-    (["cache", "rm", "encode", "0123"], "no such entry"),
+    (["cache", "rm", "encode", "0123"], "expected 16 hexadecimal digits"),
+    (["cache", "rm", "encode", "0123456789abcdef"], "no such entry"),
 ])
 def test_user_mistakes_are_one_line_exit_2(tmp_path, args, expected):
     proc = kmfeat(*args, cache=tmp_path, check=False)

@@ -227,6 +227,48 @@ def test_two_runs_of_one_key_and_gc_during_the_write(workload, tmp_path):
     assert_same_as_reference(workload, cache)
 
 
+def test_gc_keeps_what_a_pipeline_run_with_data_and_overrides_uses(workload, tmp_path):
+    """`cache gc -p/--data/-o` keeps the entries of the pipeline as it was run (issue 11: without --data/-o
+    every entry of a run made with them counted as unreachable), and says why it keeps each."""
+    cache = copy_base(workload, tmp_path)
+    stages = ("data", "patches", "whiten", "kmeans")
+    dry = kmfeat("cache", "gc", "--dry-run", *_args(workload.data), cache=cache)
+    assert "would remove" not in dry.stdout and "gc: 0 folder(s) to remove, 4 kept" in dry.stdout, dry.stdout
+    for stage in stages:
+        (entry,) = Store(cache).entries(stage)
+        assert f"keep {entry.path} (used by the default pipeline)" in dry.stdout
+    other = make_image_folder(tmp_path / "other", n_train=2, n_test=1)
+    dry = kmfeat("cache", "gc", "--dry-run", "--data", other, cache=cache)
+    assert "gc: 4 folder(s) to remove, 0 kept" in dry.stdout, dry.stdout
+
+
+def test_gc_never_removes_the_inputs_or_output_of_a_running_encode(workload, tmp_path):
+    """An encode is frozen mid-write; gc for another pipeline (to which every entry is unreachable) removes none
+    of the encode's inputs (shared locks) nor its checkpoint, and the encode then finishes byte-identical.
+    Issue 11: gc deleted the inputs of a running encode, which then failed and lost its finished shards."""
+    cache = copy_base(workload, tmp_path)
+    other = make_image_folder(tmp_path / "other", n_train=2, n_test=1)
+    first = start("encode", *_args(workload.data), cache=cache, log=tmp_path / "first")
+    wait_until(first, lambda: done_shards(cache, workload.key) >= 1)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        gc = kmfeat("cache", "gc", "--data", other, cache=cache)
+        # encode reads data, whiten and kmeans; the patches entry is not its input, so it may go
+        assert "gc: 1 folder(s) removed, 4 kept" in gc.stdout, gc.stdout
+        assert gc.stdout.count("(in use by a running kmfeat)") == 4
+        for stage in ("data", "whiten", "kmeans"):
+            assert len(Store(cache).entries(stage)) == 1
+        assert Store(cache).entries("patches") == []
+        assert (cache / "encode" / f".tmp-{workload.key}").is_dir()
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 0, (tmp_path / "first").read_text()
+    assert_same_as_reference(workload, cache)
+    gc = kmfeat("cache", "gc", "--data", other, cache=cache)  # nothing running now: the other four go
+    assert "gc: 4 folder(s) removed, 0 kept" in gc.stdout, gc.stdout
+    assert Store(cache).entries() == []
+
+
 def test_two_runs_started_together_from_scratch(workload, tmp_path):
     cache = tmp_path / "cache"
     procs = [start("whiten", *_args(workload.data), cache=cache, log=tmp_path / f"log{i}") for i in range(2)]
@@ -343,6 +385,6 @@ def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(workload, tmp_path
     assert "removed 1 unfinished folder(s)" in proc.stderr
     assert not stale.exists() and resumable.exists()  # encode checkpoints wait for their rerun or gc
     with store.lock("encode", "fedcba9876543210"):
-        assert kmfeat("cache", "gc", cache=cache).stdout.strip().endswith("gc: 0 folder(s) removed")
+        assert "gc: 0 folder(s) removed" in kmfeat("cache", "gc", cache=cache).stdout
     assert "gc: 1 folder(s) removed" in kmfeat("cache", "gc", cache=cache).stdout
     assert not resumable.exists()

@@ -252,18 +252,32 @@ class Encoder:
             out[start:stop] = feats
         return out
 
-    def iter_transform(self, images, flip: bool = False, batch: int | None = None):
+    def work(self, shape) -> int:
+        """(image, position, centroid) triples of encoding images of `shape` (N, H, W, C): what the compile
+        policy weighs."""
+        n, H, W = shape[0], shape[1], shape[2]
+        return n * ((H - self.rf) // self.stride + 1) * ((W - self.rf) // self.stride + 1) * self.k_
+
+    def will_compile(self, work: float) -> bool:
+        """The compile decision for a job of `work` triples: KMFEAT_COMPILE=1 always, unset (auto) from
+        COMPILE_MIN_WORK on, =0 or a kind without a fused kernel never. A stage takes it once from its total
+        planned work (and records it), so that a resumed run encodes every shard as the first run did."""
+        return self.compile_ and (compile_mode() == "on" or work >= COMPILE_MIN_WORK)
+
+    def iter_transform(self, images, flip: bool = False, batch: int | None = None, compiled: bool | None = None):
         """Yields (start, stop, features float32 numpy (stop-start, F)) over batches of images, so callers can
         stream to a np.memmap / .npy on disk and memory does not grow with N. `images` may be a read-only
-        np.memmap (uint8)."""
+        np.memmap (uint8). `compiled` fixes the kernel (a stage's recorded decision); None decides per call,
+        compiling once this encoder has seen COMPILE_MIN_WORK triples in all (library use)."""
         geom = self._geometry(images)
         if batch is not None:
             _positive_int("encode.batch", batch)
         batch = batch or self.batch or self._auto_batch(geom)
         geom["rows"] = min(geom["rows"], batch * geom["ny"])
         self.work_seen_ += len(images) * geom["ny"] * geom["nx"] * self.k_
-        geom["compiled"] = self.compile_ and (compile_mode() == "on" or self.compiled_once_
-                                              or self.work_seen_ >= COMPILE_MIN_WORK)
+        if compiled is None:
+            compiled = self.compiled_once_ or self.will_compile(self.work_seen_)
+        geom["compiled"] = self.compile_ and compiled
         return self._batches(images, flip, batch, geom)
 
     def _batches(self, images, flip, batch, geom):

@@ -216,6 +216,32 @@ class _Split:
         return min(self.settings["shard"], len(self.images) - start)
 
 
+def _read_checkpoint(record: Path) -> dict:
+    try:
+        saved = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _compile_decision(ctx: Context, encoder, splits) -> bool:
+    """Whether this encode runs the compiled kernel, decided once from its total planned work. Under the auto
+    policy (KMFEAT_COMPILE unset) an interrupted run's recorded decision wins, so a resumed encode computes its
+    remaining shards exactly as the first run did (the first run's per-process switch point is not replayed)."""
+    from .encode import compile_mode
+
+    planned = encoder.will_compile(sum(encoder.work(images.shape) for _, images, _ in splits))
+    if compile_mode() != "auto":
+        return planned
+    for name, _, _ in splits:
+        saved = _read_checkpoint(ctx.out.path(f"progress-{name}.json")).get("settings")
+        if isinstance(saved, dict) and isinstance(saved.get("compiled"), bool):
+            if saved["compiled"] and not encoder.compile_:
+                return planned  # cannot compile here: the checkpoint is discarded by the settings check
+            return saved["compiled"]
+    return planned
+
+
 def _open_split(ctx: Context, encoder, name: str, images: np.ndarray, flip: bool, settings: dict) -> _Split:
     """Open (or reopen) a split's output and read its checkpoint; a checkpoint written with
     other settings, or for an output that had to be recreated, is discarded."""
@@ -224,11 +250,8 @@ def _open_split(ctx: Context, encoder, name: str, images: np.ndarray, flip: bool
     ctx.out.scratch(f"progress-{name}.json.part")
     done: set[int] = set()
     if record.exists() and name not in ctx.out.created:
-        try:
-            saved = json.loads(record.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            saved = {}
-        if isinstance(saved, dict) and saved.get("settings") == settings:
+        saved = _read_checkpoint(record)
+        if saved.get("settings") == settings:
             done = {int(s) for s in saved.get("done", [])}
         else:
             ctx.log(f"encode: {name}: the interrupted run used other settings; encoding it again")
@@ -245,7 +268,8 @@ def _encode_split(split: _Split, encoder) -> None:
         for start in todo:
             stop = start + split.shard_len(start)
             for a, b, feats in encoder.iter_transform(split.images[start:stop], flip=split.flip,
-                                                      batch=split.settings["batch"]):
+                                                      batch=split.settings["batch"],
+                                                      compiled=split.settings["compiled"]):
                 feats = feats.astype(split.out.dtype, copy=False)
                 if not np.isfinite(feats).all():
                     hint = (" (or values beyond the float16 range: use encode.dtype = \"float32\")"
@@ -266,13 +290,13 @@ def _compute_encode(ctx: Context) -> str:
     data = ctx.inputs["data"]
     encoder = make_encoder(ctx.cfg, ctx.inputs["whiten"], ctx.inputs["kmeans"])
     train_x, test_x = data.array("train_x"), data.array("test_x")
-    settings = {"shard": shard_size(), "batch": ctx.cfg.encode.batch or encode_batch(encoder, train_x.shape),
-                "device": encoder.device_, "compiled": bool(encoder.compile_)}
     splits = [("train", train_x, False), ("test", test_x, False)]
     if ctx.cfg.encode.flip_train:
         splits.insert(1, ("train_flip", train_x, True))
     if ctx.cfg.encode.flip_test:
         splits.append(("test_flip", test_x, True))
+    settings = {"shard": shard_size(), "batch": ctx.cfg.encode.batch or encode_batch(encoder, train_x.shape),
+                "device": encoder.device_, "compiled": _compile_decision(ctx, encoder, splits)}
     opened = [_open_split(ctx, encoder, name, images, flip, settings) for name, images, flip in splits]
     total = sum(len(s.images) for s in opened)
     done = sum(s.shard_len(start) for s in opened for start in s.done)

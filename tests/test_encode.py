@@ -340,6 +340,19 @@ def test_fused_chain_and_auto_compile_policy(monkeypatch, kind):
     _assert_close(np.concatenate([f for _, _, f in enc.iter_transform(images, batch=4)]), ref)
     assert len(used) > n
     assert not Encoder(centroids, mean, Wm, rf=5, kind="hard").compile_
+    # a stage's recorded decision overrides the per-call policy both ways
+    fresh = Encoder(centroids, mean, Wm, rf=5, kind=kind, grid=3, device="cpu")
+    n = len(used)
+    _assert_close(np.concatenate([f for _, _, f in fresh.iter_transform(images, compiled=True)]), ref)
+    assert len(used) > n
+    monkeypatch.setattr(encode, "COMPILE_MIN_WORK", 1.0)
+    n = len(used)
+    _assert_close(np.concatenate([f for _, _, f in fresh.iter_transform(images, compiled=False)]), ref)
+    assert len(used) == n
+    assert fresh.work(images.shape) == len(images) * 9 * 8 * 33
+    assert fresh.will_compile(1.0) and not fresh.will_compile(0.5)
+    monkeypatch.setenv("KMFEAT_COMPILE", "0")
+    assert not Encoder(centroids, mean, Wm, rf=5, kind=kind).will_compile(1e18)
 
 
 def test_linear_matches_float64_on_every_backend(monkeypatch):

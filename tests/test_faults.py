@@ -190,6 +190,40 @@ def test_kill9_at_random_points_then_rerun_is_bit_identical(workload, tmp_path, 
     assert_same_as_reference(workload, cache, reference)
 
 
+AUTO_COMPILE = ("import sys; import kmfeat.encode as e; e.COMPILE_MIN_WORK = float(sys.argv[1]); "
+                "from kmfeat.cli import main; main(sys.argv[2:])")
+
+
+def start_auto(cache, workload, threshold, log):
+    """`kmfeat encode` under the default compile policy (KMFEAT_COMPILE unset) with COMPILE_MIN_WORK lowered."""
+    env = {k: v for k, v in _env(cache).items() if k != "KMFEAT_COMPILE"}
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-c", AUTO_COMPILE, str(threshold), "encode", *_args(workload.data)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def test_kill9_after_the_auto_policy_compiled_then_rerun_is_bit_identical(workload, tmp_path):
+    """Issue 12: under the default policy the encoder switched to the compiled kernel once its per-process work
+    passed COMPILE_MIN_WORK, so a resumed run redid eagerly what the first run compiled. The decision is now
+    taken once from the stage's planned work and recorded in the checkpoint."""
+    per_shard = SHARD * 11 * 11 * 64  # 16x16 images, rf 6: 11 x 11 positions, k = 64
+    threshold = 3.5 * per_shard  # the old per-process counter switched after 3 shards
+    reference = Path(shutil.copytree(workload.base, tmp_path / "reference"))
+    first = start_auto(reference, workload, threshold, tmp_path / "ref.log")
+    assert first.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
+    cache = copy_base(workload, tmp_path)
+    proc = start_auto(cache, workload, threshold, tmp_path / "log")
+    wait_until(proc, lambda: done_shards(cache, workload.key) >= 6, timeout=300)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    saved = json.loads((cache / "encode" / f".tmp-{workload.key}" / "progress-train.json").read_text())
+    assert saved["settings"]["compiled"] is True and len(saved["done"]) >= 6
+    rerun = start_auto(cache, workload, threshold, tmp_path / "rerun.log")
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()
+    assert "encode: resuming, " in (tmp_path / "rerun.log").read_text()
+    assert_same_as_reference(workload, cache, reference)
+
+
 def test_ctrl_c_keeps_checkpoint_and_rerun_resumes(workload, tmp_path):
     cache = copy_base(workload, tmp_path)
     log = tmp_path / "log"

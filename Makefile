@@ -10,6 +10,8 @@ PIPELINE ?= pipelines/cifar10.toml
 DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
 HEAD ?=
 ARGS ?=
+# pyproject extras: cpu = faiss-cpu; EXTRAS=gpu,dev installs faiss-gpu instead (GPU k-means through faiss)
+EXTRAS ?= cpu,dev
 
 PY := $(VENV)/bin/python
 KMFEAT := $(VENV)/bin/kmfeat
@@ -37,7 +39,7 @@ endif
 
 $(STAMP): pyproject.toml
 	flock $(VENV).lock sh -c 'test -x $(PY) || $(PYTHON) -m venv $(VENV); \
-		$(PIP) $(TORCH) && $(PIP) -e ".[dev]" && touch $@'
+		$(PIP) $(TORCH) && $(PIP) -e ".[$(EXTRAS)]" && touch $@'
 
 venv: $(STAMP)
 

@@ -42,33 +42,32 @@ def _faiss_gpus(faiss) -> int:
 def resolve_backend(backend: str = "auto", device: str = "auto") -> tuple[str, str]:
     """The (backend, device) that will actually run, e.g. ("faiss", "cpu") or ("torch", "cuda").
 
-    auto prefers faiss (its GPU index when it has GPUs and device allows), then torch; device
-    "cuda" falls back from faiss-cpu to torch CUDA under backend auto.
+    auto picks the fastest available: faiss with GPUs, then torch on CUDA, then faiss on CPU, then torch on CPU
+    (so a GPU machine with faiss-cpu runs k-means on its GPU through torch); device narrows the choice.
     """
     if backend not in BACKENDS:
         raise KmfeatError(f"kmeans.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if device not in DEVICES:
         raise KmfeatError(f"kmeans.device: expected one of {', '.join(DEVICES)}, got {device!r}")
     faiss = _faiss()
-    torch_cuda = torch.cuda.is_available()
     if backend == "faiss" and faiss is None:
         raise KmfeatError("kmeans.backend: faiss is not installed; `pip install faiss-cpu` (or faiss-gpu), "
                           "or set kmeans.backend = \"torch\"")
-    if backend in ("auto", "faiss") and faiss is not None:
-        faiss_gpu = _faiss_gpus(faiss) > 0
-        if device == "auto":
-            return "faiss", "cuda" if faiss_gpu else "cpu"
-        if device == "cpu" or faiss_gpu:
-            return "faiss", device
-        if backend == "faiss":
-            raise KmfeatError("kmeans.device: \"cuda\" but this faiss has no GPU support; install faiss-gpu, "
-                              "or set kmeans.backend = \"torch\" or kmeans.device = \"cpu\"")
-    if device == "cuda" and not torch_cuda:
-        raise KmfeatError("kmeans.device: \"cuda\" but no CUDA GPU is available; "
-                          "set kmeans.device = \"cpu\" or \"auto\"")
-    if device == "auto":
-        device = "cuda" if torch_cuda else "cpu"
-    return "torch", device
+    faiss_gpu = faiss is not None and _faiss_gpus(faiss) > 0
+    torch_cuda = torch.cuda.is_available()
+    candidates = {
+        "auto": [("faiss", "cuda", faiss_gpu), ("torch", "cuda", torch_cuda), ("faiss", "cpu", faiss is not None),
+                 ("torch", "cpu", True)],
+        "faiss": [("faiss", "cuda", faiss_gpu), ("faiss", "cpu", True)],
+        "torch": [("torch", "cuda", torch_cuda), ("torch", "cpu", True)],
+    }[backend]
+    for name, dev, available in candidates:
+        if available and device in ("auto", dev):
+            return name, dev
+    if backend == "faiss":
+        raise KmfeatError("kmeans.device: \"cuda\" but this faiss has no GPU support; install faiss-gpu, "
+                          "or set kmeans.backend = \"torch\" or kmeans.device = \"cpu\"")
+    raise KmfeatError("kmeans.device: \"cuda\" but no CUDA GPU is available; set kmeans.device = \"cpu\" or \"auto\"")
 
 
 def _kmeanspp(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -171,8 +171,9 @@ def test_resolve_backend_here():
     assert resolve_backend("torch", "cpu") == ("torch", "cpu")
     assert resolve_backend("torch", "auto") == ("torch", "cuda" if cuda else "cpu")
     if HAVE_FAISS:
-        faiss_dev = "cuda" if faiss.get_num_gpus() > 0 else "cpu"
-        assert resolve_backend("auto", "auto") == ("faiss", faiss_dev)
+        faiss_gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
+        want = ("faiss", "cuda") if faiss_gpu else ("torch", "cuda") if cuda else ("faiss", "cpu")
+        assert resolve_backend("auto", "auto") == want
         assert resolve_backend("faiss", "cpu") == ("faiss", "cpu")
     if not cuda:
         with pytest.raises(KmfeatError, match=r"kmeans\.device"):
@@ -202,6 +203,59 @@ def test_resolve_backend_faiss_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(KmfeatError, match=r"kmeans\.device"):
         resolve_backend("auto", "cuda")
+
+
+class _Faiss:
+    def __init__(self, gpus):
+        self.gpus = gpus
+
+    def get_num_gpus(self):
+        return self.gpus
+
+
+# (faiss: None / GPUs, torch CUDA) -> what backend="auto" runs for device auto / cpu / cuda (None: an error)
+AUTO_TABLE = [
+    (2, True, ("faiss", "cuda"), ("faiss", "cpu"), ("faiss", "cuda")),
+    (2, False, ("faiss", "cuda"), ("faiss", "cpu"), ("faiss", "cuda")),
+    (0, True, ("torch", "cuda"), ("faiss", "cpu"), ("torch", "cuda")),  # issue 12: faiss-cpu on a GPU machine
+    (0, False, ("faiss", "cpu"), ("faiss", "cpu"), None),
+    (None, True, ("torch", "cuda"), ("torch", "cpu"), ("torch", "cuda")),
+    (None, False, ("torch", "cpu"), ("torch", "cpu"), None),
+]
+
+
+@pytest.mark.parametrize("gpus, cuda, auto, cpu, on_cuda", AUTO_TABLE)
+def test_auto_backend_prefers_faiss_gpu_then_torch_cuda_then_faiss_cpu(monkeypatch, gpus, cuda, auto, cpu, on_cuda):
+    monkeypatch.setattr(km_mod, "_faiss", lambda: None if gpus is None else _Faiss(gpus))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_backend("auto", "auto") == auto
+    assert resolve_backend("auto", "cpu") == cpu
+    if on_cuda is None:
+        with pytest.raises(KmfeatError, match=r"kmeans\.device"):
+            resolve_backend("auto", "cuda")
+    else:
+        assert resolve_backend("auto", "cuda") == on_cuda
+    assert resolve_backend("torch", "auto") == ("torch", "cuda" if cuda else "cpu")
+    if gpus is not None:
+        assert resolve_backend("faiss", "auto") == ("faiss", "cuda" if gpus else "cpu")
+
+
+def test_extras_install_one_faiss_build():
+    """faiss-cpu and faiss-gpu both provide the `faiss` package: neither is a core dependency, each is its own
+    extra (cpu, gpu), and the Makefile installs one of them."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("faiss")]
+    extras = project["optional-dependencies"]
+    builds = {name: {d.split(">")[0].split("=")[0] for d in deps if d.startswith("faiss")}
+              for name, deps in extras.items()}
+    assert builds["cpu"] == {"faiss-cpu"} and builds["gpu"] == {"faiss-gpu"}
+    assert all(len(b) <= 1 for b in builds.values())
+    makefile = (root / "Makefile").read_text()
+    assert "EXTRAS ?= cpu,dev" in makefile and '-e ".[$(EXTRAS)]"' in makefile
 
 
 def test_sklearn_conventions():

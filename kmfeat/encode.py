@@ -260,9 +260,12 @@ class Encoder:
 
     def will_compile(self, work: float) -> bool:
         """The compile decision for a job of `work` triples: KMFEAT_COMPILE=1 always, unset (auto) from
-        COMPILE_MIN_WORK on, =0 or a kind without a fused kernel never. A stage takes it once from its total
-        planned work (and records it), so that a resumed run encodes every shard as the first run did."""
-        return self.compile_ and (compile_mode() == "on" or work >= COMPILE_MIN_WORK)
+        COMPILE_MIN_WORK on CPU and never on CUDA (eager does that work in well under a second there, less than
+        a cold Triton compile; off until a GPU measurement says otherwise), =0 or a kind without a fused kernel
+        never. A stage takes it once from its total planned work (and records it), so that a resumed run
+        encodes every shard as the first run did."""
+        mode = compile_mode()
+        return self.compile_ and (mode == "on" or (self.device_ == "cpu" and work >= COMPILE_MIN_WORK))
 
     def iter_transform(self, images, flip: bool = False, batch: int | None = None, compiled: bool | None = None):
         """Yields (start, stop, features float32 numpy (stop-start, F)) over batches of images, so callers can
@@ -320,7 +323,9 @@ class Encoder:
             free = psutil.virtual_memory().available
         per_image = 4 * (geom["ny"] * geom["nx"] * (3 * self.d_ + 2) + geom["H"] * geom["W"] * geom["C"]
                          + 2 * self.fine_ ** 2 * self.n_codes)
-        fixed = 4 * geom["rows"] * geom["nx"] * (self.n_codes + self.fine_ * self.n_codes + self.d_)
+        # per block: the code map e (rows x nx x codes) and its per-cell sums (rows x fine x codes); the block's
+        # patches and z are views of the batch's, counted in per_image
+        fixed = 4 * geom["rows"] * self.n_codes * (geom["nx"] + self.fine_)
         batch = max(1, (min(BATCH_BYTES[self.device_], free // 4) - fixed) // per_image)
         per_block = geom["rows"] // geom["ny"]
         return batch // per_block * per_block if batch > per_block > 0 else batch
@@ -373,6 +378,8 @@ class Encoder:
                     cells = _compiled_fn(_soft_cells)(e, cuts, reduce)
                 self.compiled_once_ = True
                 return cells
+            except torch.OutOfMemoryError:
+                raise  # not a compiler failure: eager would run out of memory too
             except Exception as exc:
                 warnings.warn(f"kmfeat.encode: torch.compile failed, using the eager encoder ({exc})", stacklevel=2)
                 _compile_broken = True

@@ -172,12 +172,32 @@ def test_empty_input_gives_empty_output():
 def test_auto_batch_bounds_the_working_set(monkeypatch):
     images, mean, Wm, centroids = _setup(20, 20, 3, 5, 16, n=9)
     monkeypatch.setitem(encode.BATCH_BYTES, "cpu", 300_000)
-    enc = Encoder(centroids, mean, Wm, rf=5)
+    enc = Encoder(centroids, mean, Wm, rf=5, device="cpu")  # the CPU budget is patched: pin the device
     spans = [(s, e) for s, e, _ in enc.iter_transform(images)]
     assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == len(images)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     monkeypatch.setitem(encode.BATCH_BYTES, "cpu", 1 << 30)
-    assert [(s, e) for s, e, _ in Encoder(centroids, mean, Wm, rf=5).iter_transform(images)] == [(0, 9)]
+    assert [(s, e) for s, e, _ in Encoder(centroids, mean, Wm, rf=5, device="cpu").iter_transform(images)] == [(0, 9)]
+
+
+def test_auto_batch_on_cuda_is_bounded_by_the_budget_not_one(monkeypatch):
+    """Issue 12: with the CUDA block size, the old fixed-cost term (views counted as copies) left a batch of 1
+    for small k. Checked with a mocked device: free memory 40 GB, 2 GiB budget."""
+    images, mean, Wm, centroids = _setup(32, 32, 3, 6, 16, n=2)
+    enc = Encoder(centroids, mean, Wm, rf=6, device="cpu")
+    enc.device_ = "cuda"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 << 30, 80 << 30))
+    ny = nx = 27
+    rows = encode.BLOCK_ELEMENTS["cuda"] // (nx * enc.n_codes)
+    rows -= rows % ny
+    geom = dict(H=32, W=32, C=3, ny=ny, nx=nx, rows=rows)
+    per_image = 4 * (ny * nx * (3 * enc.d_ + 2) + 32 * 32 * 3 + 2 * enc.fine_ ** 2 * enc.n_codes)
+    batch = enc._auto_batch(geom)
+    assert 1000 <= batch <= encode.BATCH_BYTES["cuda"] // per_image
+    monkeypatch.delenv("KMFEAT_COMPILE", raising=False)  # auto: never compiles on CUDA (issue 12 item 5)
+    assert enc.compile_ and not enc.will_compile(1e18)
+    monkeypatch.setenv("KMFEAT_COMPILE", "1")
+    assert enc.will_compile(0)
 
 
 def _err(match, fn):

@@ -330,7 +330,7 @@ def test_whitening_that_overflows_on_constant_images(tmp_path, cache):
 def test_nan_features_are_refused(monkeypatch, tmp_path, upstream, ok_folder):
     from kmfeat.encode import Encoder
 
-    def nan_batches(self, images, flip=False, batch=None):
+    def nan_batches(self, images, flip=False, batch=None, compiled=None):
         for start in range(0, len(images), 4):
             stop = min(start + 4, len(images))
             yield start, stop, np.full((stop - start, self.n_features), np.nan, np.float32)

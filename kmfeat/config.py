@@ -7,6 +7,7 @@ Unknown sections/keys and wrong types are errors that name the key and what is v
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -255,17 +256,77 @@ def load(path: str | Path | None, overrides=(), data: str | None = None) -> Pipe
     return cfg
 
 
+SEED_MAX = 2**31 - 1
+"""Largest seed every consumer takes (faiss stores it in a C int)."""
+INT_MAX = 2**63 - 1
+"""Larger integers overflow numpy's and torch's int64."""
+
+
 def _positive(key: str, value, minimum=1):
     if value < minimum:
         raise KmfeatError(f"{key}: got {value}, expected >= {minimum}")
 
 
+def _no_nan(key: str, value) -> None:
+    """NaN anywhere in a head.params / head.grid value (a table, list or number) is an error."""
+    if isinstance(value, float) and math.isnan(value):
+        raise KmfeatError(f"{key}: got nan, expected a number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_nan(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _no_nan(f"{key}[{i}]", v)
+
+
+def _check_fields(cfg: PipelineConfig, late_keys: frozenset[str] = frozenset()) -> None:
+    """Checks by field type over every section: floats are finite, ints fit int64 (except `late_keys`,
+    which later checks explain better), seeds are in 0..SEED_MAX, head.params / head.grid hold no NaN."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        hints = typing.get_type_hints(type(values))
+        for f in dataclasses.fields(values):
+            key, value, tp = f"{section}.{f.name}", getattr(values, f.name), hints[f.name]
+            if tp is float and not math.isfinite(value):
+                raise KmfeatError(f"{key}: got {value}, expected a finite number")
+            if f.name == "seed" or f.name.endswith("_seed"):
+                if not 0 <= value <= SEED_MAX:
+                    raise KmfeatError(f"{key}: got {value}, expected an integer in 0..{SEED_MAX}")
+            elif tp is int and value > INT_MAX and key not in late_keys:
+                raise KmfeatError(f"{key}: got {value}, expected an integer below 2**63")
+            elif isinstance(value, dict):
+                _no_nan(key, value)
+
+
+def _check_head(h: HeadConfig) -> None:
+    """The MLP's settings, checked whatever head.kind is (the defaults pass; other heads ignore them)."""
+    for key, value in (("hidden", h.hidden), ("epochs", h.epochs), ("batch", h.batch), ("patience", h.patience)):
+        _positive(f"head.{key}", value)
+    if not h.lr > 0:
+        raise KmfeatError(f"head.lr: got {h.lr}, expected > 0 (the MLP's learning rate, e.g. 0.001)")
+    if h.weight_decay < 0:
+        raise KmfeatError(f"head.weight_decay: got {h.weight_decay}, expected >= 0")
+    if not 0 <= h.label_smoothing < 1:
+        raise KmfeatError(f"head.label_smoothing: got {h.label_smoothing}, expected 0 <= label_smoothing < 1")
+
+
 def validate(cfg: PipelineConfig) -> None:
-    """Range checks that need no data (data-dependent ones happen in the stages)."""
+    """Range checks that need no data (data-dependent ones happen in the stages), then the memory
+    the patches and data stages need at least (kmfeat.memory), so that an impossible setting fails
+    before the first stage runs."""
+    from . import memory
+
+    late = {"patches.n": cfg.patches.n, "kmeans.k": cfg.kmeans.k}  # checked against memory and patches.n below
+    _check_fields(cfg, frozenset(late))
     _positive("patches.rf", cfg.patches.rf)
     _positive("patches.n", cfg.patches.n)
     _positive("kmeans.k", cfg.kmeans.k)
     _positive("kmeans.iters", cfg.kmeans.iters)
+    if cfg.kmeans.iters > SEED_MAX:
+        raise KmfeatError(f"kmeans.iters: got {cfg.kmeans.iters}, expected an integer in 1..{SEED_MAX}")
+    if cfg.kmeans.k > cfg.patches.n:
+        raise KmfeatError(f"kmeans.k: {cfg.kmeans.k:,} clusters but only {cfg.patches.n:,} patches (patches.n); "
+                          f"k-means needs at least k patches: lower kmeans.k or raise patches.n")
     _positive("encode.stride", cfg.encode.stride)
     grids = cfg.pool.grid if isinstance(cfg.pool.grid, list) else [cfg.pool.grid]
     if not grids or len(set(grids)) != len(grids) or min(grids) < 1:
@@ -274,6 +335,9 @@ def validate(cfg: PipelineConfig) -> None:
     q = cfg.encode.q
     if not (0 < q < 1 or (q >= 1 and q == int(q))):
         raise KmfeatError(f"encode.q: got {q}, expected a fraction of k in (0, 1) or a whole count >= 1")
+    if cfg.encode.kind == "knn" and q > cfg.kmeans.k:
+        raise KmfeatError(f"encode.q: got {q:g}, expected a fraction of k in (0, 1) or a whole count "
+                          f"up to kmeans.k = {cfg.kmeans.k}")
     if cfg.encode.split and cfg.encode.kind not in ("soft", "knn"):
         raise KmfeatError(f"encode.split: only the soft and knn codes have a sign split, not {cfg.encode.kind!r}")
     if not cfg.head.power > 0:
@@ -301,3 +365,11 @@ def validate(cfg: PipelineConfig) -> None:
                           "(the MLP's epoch is chosen on val); set head.refit = false")
     if cfg.data.resize and (len(cfg.data.resize) != 2 or min(cfg.data.resize) < 1):
         raise KmfeatError(f"data.resize: got {cfg.data.resize}, expected [H, W] with H, W >= 1")
+    if cfg.data.resize and cfg.patches.rf > min(cfg.data.resize):
+        raise KmfeatError(f"patches.rf: got {cfg.patches.rf}, expected at most the image size "
+                          f"{cfg.data.resize[0]}x{cfg.data.resize[1]} (data.resize)")
+    _check_head(cfg.head)
+    memory.check_config(cfg)
+    for key, value in late.items():  # where the available memory is unknown
+        if value > INT_MAX:
+            raise KmfeatError(f"{key}: got {value}, expected an integer below 2**63")

@@ -29,7 +29,7 @@ def keys_for(tmp_path, overrides):
 
 @pytest.mark.parametrize("override,first_changed", [
     ("data.limit_train=100", "data"),
-    ("patches.n=1000", "patches"),
+    ("patches.n=2000", "patches"),
     ("whiten.eps=0.01", "whiten"),
     ("kmeans.k=4000", "kmeans"),
     ("encode.kind=hard", "encode"),

@@ -243,3 +243,15 @@ def test_human_bytes():
 
     assert [human_bytes(n) for n in (0, 999, 1000, 43_200_000_000_000, 8.64e25, 8.64e28)] == \
         ["0 B", "999 B", "1.0 KB", "43.2 TB", "86.4 YB", "86,400.0 YB"]
+
+
+def test_data_stage_checks_the_memory_of_the_images_it_found(tmp_path):
+    """The config can only assume the smallest dataset (2 images); the data stage checks the real count
+    before allocating: 48 images of 300x300 pass the config check under 1 MiB, then fail in the data stage."""
+    cache, data = tmp_path / "cache", make_image_folder(tmp_path / "imgs")
+    proc = kmfeat_patches(cache, data, "data.resize=[300, 300]", "patches.n=100", "kmeans.k=8",
+                          env={"KMFEAT_MEMORY_AVAILABLE": "1M"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("Error: data.resize: 48 images") and "lower data.resize" in lines[0]
+    assert Store(cache).entries() == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KmfeatError
+from ..memory import check_images
 from ..progress import say
 
 
@@ -72,9 +73,10 @@ def fingerprint(path) -> str:
         for n in names:
             full = os.path.join(d, n)
             st = os.stat(full)
-            rows.append((Path(full).relative_to(p).as_posix(), st.st_size, st.st_mtime_ns))
+            rel = os.fsencode(Path(full).relative_to(p).as_posix())    # names need not be UTF-8
+            rows.append((rel, st.st_size, st.st_mtime_ns))
     for rel, size, mtime in sorted(rows):
-        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        h.update(rel + f"\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 
 
@@ -115,6 +117,7 @@ def load_dataset(name: str = "cifar10", path: str | None = None, *, data_dir: st
         raise KmfeatError(f"data.path: required for data.source = {name!r} (use --data PATH)")
     ds = _limit(ds, limit_train, limit_test, seed)
     if size is not None:
+        check_images(len(ds.train_x) + len(ds.test_x), size)
         ds = Dataset(resize_images(ds.train_x, size), ds.train_y, resize_images(ds.test_x, size),
                      ds.test_y, ds.classes)
     return ds

@@ -2,8 +2,10 @@
 
 Reads a release given as its .tar.gz, its extracted folder (e.g. `cifar-10-batches-py`) or a
 parent folder holding that, and returns uint8 (N, 32, 32, 3) RGB images with int64 labels.
-Batch files are parsed strictly (keys, record sizes, shapes) so a wrong file fails with a
-one-line KmfeatError naming it; the number of images per batch is taken from the data length.
+Batch files are parsed strictly (keys, field types, record sizes, shapes) so a wrong file
+fails with a one-line KmfeatError naming it and the field (e.g. `.../data_batch_1: b'labels'
+is bytes, expected a list of integers`); the number of images per batch is taken from the
+data length.
 """
 from __future__ import annotations
 
@@ -218,15 +220,47 @@ def _to_hwc(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1))
 
 
+def _what(value) -> str:
+    """A field's type for messages: "bytes", "dict", "float64 (2, 3)" (an array)."""
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} {value.shape}"
+    return type(value).__name__
+
+
+def _int_list(value, files: _Files, name: str, key: bytes) -> np.ndarray:
+    """A batch's labels (a list of integers, or a 1-D integer array) as int64."""
+    where = f"{files.label(name)}: {key!r}"
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise KmfeatError(f"{where} is {_what(value)}, expected a list of integers")
+    if isinstance(value, np.ndarray):
+        arr = value
+    elif any(type(v) is not int and not isinstance(v, np.integer) for v in value):
+        bad = next(v for v in value if type(v) is not int and not isinstance(v, np.integer))
+        raise KmfeatError(f"{where} holds {bad!r:.40} ({type(bad).__name__}), expected a list "
+                          "of integers")
+    else:
+        try:
+            arr = np.array(value, dtype=np.int64)
+        except OverflowError:
+            raise KmfeatError(f"{where} holds an integer out of the int64 range, expected "
+                              "class indices") from None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise KmfeatError(f"{where} is {_what(arr)}, expected a list of integers")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise KmfeatError(f"{where} holds an integer out of the int64 range, expected "
+                          "class indices")
+    return arr.astype(np.int64)
+
+
 def _python_batch(files: _Files, name: str, label_key: bytes):
     d = _unpickle(files, name)
     data = _key(d, b"data", files, name)
     labels = _key(d, label_key, files, name)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != PIXELS:
-        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise KmfeatError(f"{files.label(name)}: b'data' is {desc}, expected uint8 (N, {PIXELS})")
-    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        raise KmfeatError(f"{files.label(name)}: b'data' is {_what(data)}, expected uint8 "
+                          f"(N, {PIXELS})")
+    y = _int_list(labels, files, name, label_key)
     if len(y) != len(data):
         raise KmfeatError(f"{files.label(name)}: {len(y)} labels for {len(data)} images")
     return _to_hwc(data), y
@@ -250,7 +284,15 @@ def _text_names(files: _Files, name: str) -> list[str]:
 
 def _pickled_names(files: _Files, name: str, key: bytes) -> list[str]:
     names = _key(_unpickle(files, name), key, files, name)
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    where = f"{files.label(name)}: {key!r}"
+    if not isinstance(names, (list, tuple)):
+        raise KmfeatError(f"{where} is {_what(names)}, expected a list of class names (bytes "
+                          "or str)")
+    for n in names:
+        if not isinstance(n, (bytes, str)):
+            raise KmfeatError(f"{where} holds {n!r:.40} ({type(n).__name__}), expected a list "
+                              "of class names (bytes or str)")
+    return [n.decode("utf-8", "backslashreplace") if isinstance(n, bytes) else n for n in names]
 
 
 def _check_labels(y: np.ndarray, classes: list[str], where: str) -> None:

@@ -2,12 +2,26 @@
 
 ROOT is the given folder (or archive top) or its single top-level subfolder; hidden folders
 (".name") are not classes. Any image Pillow reads is accepted and converted to RGB with
-`Image.convert("RGB")` (alpha dropped, no EXIF rotation). Files Pillow does not recognise
-are skipped with one warning; an image that is recognised but fails to decode is an error.
+`Image.convert("RGB")` (alpha dropped, no EXIF rotation), except grayscale images with more
+than 8 bits, which `convert` would clip (a 16-bit image would come out almost all white):
+
+* 16-bit modes ("I;16", "I;16B", ...) and 32-bit integer "I" images whose values all lie in
+  0..65535 (how Pillow may open 16-bit PNG/TIFF) are scaled from 0..65535 to 0..255
+  (value / 257, rounded);
+* integer images with values outside 0..65535, and float "F" images, map their own min..max
+  range to 0..255 (rounded; a constant image gives 0), except that "F" images with all
+  values in [0, 1] become round(value * 255). NaN counts as the minimum, +-inf as the
+  maximum / minimum.
+
+The gray value is copied to all three channels. File names need not be valid UTF-8 (they
+are kept as the OS gives them and shown with backslash escapes in messages).
+Files Pillow does not recognise are skipped with one warning; an image that is recognised
+but fails to decode is an error.
 Loading runs in two parallel passes over chunks of files: a cheap header probe (sizes,
 which files are images), then decoding of only the files kept by the optional
 class-balanced limits. Archives are read once, sequentially, into memory in the main
-process (tar.gz cannot be seeked cheaply); workers decode the bytes.
+process (tar.gz cannot be seeked cheaply); workers decode the bytes. Worker processes
+watch their parent and exit as soon as it is gone (a killed run leaves none behind).
 """
 from __future__ import annotations
 
@@ -16,6 +30,8 @@ import math
 import os
 import posixpath
 import tarfile
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -24,6 +40,7 @@ from joblib import Parallel, delayed, effective_n_jobs
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import KmfeatError
+from ..memory import check_images
 from ..progress import bar, say
 from . import Dataset
 from .subset import balanced_subset
@@ -178,13 +195,75 @@ def _group(files: dict, dirs: set[str], path: Path):
             entries[parts[0]].append((index[parts[1]], rel, item))
     for split in SPLITS:
         entries[split].sort(key=lambda e: (e[0], e[1]))
-    return classes, entries, loose
+    return [shown(c) for c in classes], entries, loose
 
 
 # ---------------------------------------------------------------- parallel probe + decode
 
 def _open(item):
     return Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+
+
+def shown(name: str) -> str:
+    """`name` printable: bytes that are not UTF-8 (kept by the OS and tarfile as lone
+    surrogates) as backslash escapes, e.g. "caf\\xe9.png"."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _gray_to_rgb(g: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(g[:, :, None], 3, axis=2))
+
+
+def _scale_range(a: np.ndarray) -> np.ndarray:
+    """The image's own min..max as 0..255 (constant: 0); NaN as the minimum."""
+    a = a.astype(np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB; deep grayscale is scaled, not clipped (module docstring)."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            return _gray_to_rgb(_scale_range(a))
+        return _gray_to_rgb(((a * 2 + 257) // 514).astype(np.uint8))    # round(a / 257)
+    if mode == "F":
+        a = np.asarray(img)
+        if a.size and np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1:
+            return _gray_to_rgb(np.rint(a.astype(np.float64) * 255).astype(np.uint8))
+        return _gray_to_rgb(_scale_range(a))
+    return img.convert("RGB")
+
+
+_watching = False
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: exit as soon as `parent` (the kmfeat process) is gone.
+
+    loky workers otherwise outlive a parent killed with SIGKILL for minutes. A daemon thread
+    polls the parent pid (no prctl: PR_SET_PDEATHSIG follows the parent *thread* that forked
+    the worker, and loky may fork from a helper thread).
+    """
+    global _watching
+    if os.getpid() == parent or _watching:
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kmfeat-parent-watch", daemon=True).start()
+    _watching = True
 
 
 def _probe_chunk(items: list, names: list[str]) -> np.ndarray:
@@ -208,7 +287,7 @@ def _decode_chunk(items: list, names: list[str], size: tuple[int, int]) -> np.nd
     for i, (item, name) in enumerate(zip(items, names)):
         try:
             with _open(item) as img:
-                rgb = img.convert("RGB")
+                rgb = to_rgb(img)
         except Exception as e:
             raise KmfeatError(f"{name}: cannot decode image ({e}); "
                               "fix or remove the file") from None
@@ -241,7 +320,8 @@ def _run_chunks(func, items: list, names: list[str], n_jobs: int, desc: str, *ar
     if jobs == 1 or len(bounds) <= 1:
         results = (func(it, nm, *args) for it, nm in calls)
     else:
-        results = Parallel(n_jobs=jobs, return_as="generator")(
+        results = Parallel(n_jobs=jobs, return_as="generator", initializer=_die_with_parent,
+                           initargs=(os.getpid(),))(
             delayed(func)(it, nm, *args) for it, nm in calls)
     with bar(total=n, desc=desc, unit="img") as pb:
         for (a, b), res in zip(bounds, results):
@@ -282,7 +362,7 @@ def load_imagefolder(path, resize=None, n_jobs: int = -1, limit_train: int = 0,
 
     flat = entries["train"] + entries["test"]
     items = [e[2] for e in flat]
-    names = [prefix + e[1] for e in flat]
+    names = [shown(prefix + e[1]) for e in flat]
     labels = np.array([e[0] for e in flat], dtype=np.int64)
     hw = np.full((len(flat), 2), -1, dtype=np.int64)
     for a, b, res in _run_chunks(_probe_chunk, items, names, n_jobs, "scan images"):
@@ -301,6 +381,7 @@ def load_imagefolder(path, resize=None, n_jobs: int = -1, limit_train: int = 0,
         size = _check_sizes(hw[is_img], [n for n, ok in zip(names, is_img) if ok])
 
     sel = np.concatenate(keep)
+    check_images(len(sel), size, fix="" if resize else "set data.resize = [H, W]")
     x = np.empty((len(sel), *size, 3), dtype=np.uint8)
     for a, b, res in _run_chunks(_decode_chunk, [items[i] for i in sel], [names[i] for i in sel],
                                  n_jobs, "decode images", size):

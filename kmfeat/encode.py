@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import torch
 
+from .determinism import deterministic_sums
 from .errors import KmfeatError
 from .linear import Linear
 from .pooling import POOL_KINDS, cell_index, finest, levels, n_cells, pool_bounds, pyramid
@@ -419,7 +420,8 @@ class Encoder:
                 if self.pool == "max":  # codes are >= 0, so the zero start is neutral
                     acc.index_reduce_(1, slot[r:r + R], cells, "amax")
                 else:
-                    acc.index_add_(1, slot[r:r + R], cells)
+                    with deterministic_sums(acc):  # no CUDA atomics: the same bytes every run
+                        acc.index_add_(1, slot[r:r + R], cells)
             fine = acc[:, :B * g].view(g, B, g, k).permute(1, 2, 0, 3)
             if self.levels_ == [g] and self.pool == "sum":
                 return fine.reshape(B, g * g * k).cpu().numpy()

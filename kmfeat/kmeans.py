@@ -13,6 +13,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from .determinism import deterministic_sums
 from .errors import KmfeatError
 from .progress import bar
 
@@ -176,7 +177,8 @@ def _lloyd_torch(X: np.ndarray, init: np.ndarray, iters: int, device: str):
         labels = _assign_torch(Xt, C, chunk)
         n_iter += 1
         counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(C).index_add_(0, labels, Xt)
+        with deterministic_sums(C):  # seeded k-means gives the same centroids on CUDA too
+            sums = torch.zeros_like(C).index_add_(0, labels, Xt)
         C = sums / counts.clamp(min=1).to(C.dtype)[:, None]
         split = _split_empty(C, counts)
         if prev is not None and split == 0 and torch.equal(labels, prev):

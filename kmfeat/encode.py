@@ -14,7 +14,6 @@ in cache: as one fused torch.compile kernel for big jobs, or as in-place eager p
 import functools
 import os
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import psutil
@@ -23,6 +22,7 @@ import torch
 from .determinism import deterministic_sums
 from .errors import KmfeatError
 from .linear import Linear
+from .precision import full_fp32
 from .pooling import POOL_KINDS, cell_index, finest, levels, n_cells, pool_bounds, pyramid
 
 KINDS = ("triangle", "hard", "soft", "knn")
@@ -331,18 +331,9 @@ class Encoder:
         per_block = geom["rows"] // geom["ny"]
         return batch // per_block * per_block if batch > per_block > 0 else batch
 
-    @contextmanager
     def _precision(self):
         """On CUDA, fp32 matmuls in full precision unless ALLOW_TF32; restored afterwards."""
-        if self.device_ != "cuda":
-            yield
-            return
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if ALLOW_TF32 else "highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(before)
+        return full_fp32(self.device_, ALLOW_TF32)
 
     def _whitened(self, x, geom, padded_rows):
         """z (padded_rows, nx, d) and ||z||^2 (padded_rows, nx) of float images x (B, H, W, C).

@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from .determinism import deterministic_sums
 from .errors import KmfeatError
+from .precision import full_fp32
 from .progress import bar
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -174,7 +175,8 @@ def _lloyd_torch(X: np.ndarray, init: np.ndarray, iters: int, device: str):
     prev = None
     n_iter = 0
     for _ in bar(range(iters), desc=f"k-means torch/{device}", unit="iter"):
-        labels = _assign_torch(Xt, C, chunk)
+        with full_fp32(device):  # TF32 distances would move points between near-equidistant centroids
+            labels = _assign_torch(Xt, C, chunk)
         n_iter += 1
         counts = torch.bincount(labels, minlength=k)
         with deterministic_sums(C):  # seeded k-means gives the same centroids on CUDA too

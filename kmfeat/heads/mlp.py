@@ -14,6 +14,7 @@ from torch import nn
 from kmfeat.errors import KmfeatError
 from kmfeat.heads.common import (Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
                                  standardizer_from_state, standardizer_state)
+from kmfeat.precision import full_fp32, native_cuda_bf16
 from kmfeat.progress import bar, say
 from kmfeat.rows import as_rows
 
@@ -54,7 +55,7 @@ def resolve_device(device: str) -> torch.device:
 def native_bf16(dev: torch.device) -> bool:
     """Whether `dev` does bfloat16 matmuls in hardware (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
     if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return native_cuda_bf16(dev)
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -236,7 +237,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(self.seed)
             model = build_mlp(X.shape[1], self.hidden, len(self.classes_), self.dropout, self.input_dropout).to(dev)
-            self._train(model, Xt, X, yt, Xv if has_val else None, yv if has_val else None, dev, dtype)
+            with full_fp32(dev):  # float32 parts (all of them in fp32 precision) without TF32
+                self._train(model, Xt, X, yt, Xv if has_val else None, yv if has_val else None, dev, dtype)
         return self
 
     def _placement(self, shape, dtype, dev: torch.device) -> torch.device | None:
@@ -299,7 +301,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         opt = self._make_optimizer(model.parameters())
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
         home = Xt.device if Xt is not None else torch.device("cpu")
-        gen = torch.Generator(device=home).manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)  # on CPU: the same shuffles wherever the matrix lives
         n = X.shape[0]
         buf = None if Xt is None else torch.empty((min(self.batch, n), Xt.shape[1]), dtype=dtype, device=home)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision_ == "bf16")
@@ -313,7 +315,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             model.train()
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
-            perm = torch.randperm(n, generator=gen, device=home)
+            perm = torch.randperm(n, generator=gen).to(home)
             for xb, idx in self._batches(Xt, X, perm, dtype, buf, pool):
                 xb = xb.to(dev, non_blocking=True)
                 yb = yt[idx].to(dev, non_blocking=True)

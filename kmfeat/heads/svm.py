@@ -17,6 +17,7 @@ from kmfeat.errors import KmfeatError
 from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, chunk_rows, load_torch_blob,
                                  row_chunks)
 from kmfeat.heads.mlp import resolve_device
+from kmfeat.precision import full_fp32
 from kmfeat.progress import bar, say
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -189,12 +190,8 @@ class LinearSVMHead(LinearScores, ClassifierMixin, BaseEstimator):
         Y = torch.full((X.shape[0], len(self.classes_)), -1.0, dtype=dtype)
         Y[torch.arange(X.shape[0]), torch.from_numpy(y_idx.astype(np.int64))] = 1.0
         Xv = torch.from_numpy(self._standardized(X_val, dtype)).to(Xt.device) if has_val else None
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # no TF32: L-BFGS needs float32-accurate gradients
-        try:
+        with full_fp32(Xt.device):  # no TF32: L-BFGS needs float32-accurate gradients
             self._fit_grid(c_values, Products(Xt), Y.to(Xt.device), Xv, y_val)
-        finally:
-            torch.set_float32_matmul_precision(before)
         return self
 
     def _fit_grid(self, c_values, products, Y, Xv, y_val) -> None:

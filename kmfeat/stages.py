@@ -146,7 +146,13 @@ def load_whitener(entry: Entry):
 
 
 def _kmeans_params(cfg: PipelineConfig) -> dict:
-    return cfg.section("kmeans")
+    """The k-means settings with the backend and device that will run (their results differ in the last
+    bits): a cached dictionary is reused only where it would be computed the same way."""
+    from .kmeans import resolve_backend
+
+    p = cfg.section("kmeans")
+    p["backend"], p["device"] = resolve_backend(p["backend"], p["device"])
+    return p
 
 
 def _compute_kmeans(ctx: Context) -> str:
@@ -171,8 +177,12 @@ def _compute_kmeans(ctx: Context) -> str:
 
 
 def _encode_params(cfg: PipelineConfig) -> dict:
+    """The encode settings that change the features' bytes, the resolved device among them (CPU and CUDA
+    round differently); the batch does not (see encode_batch)."""
+    from .encode import _resolve_device
+
     e = cfg.section("encode")
-    e.pop("device")
+    e["device"] = _resolve_device(e["device"])
     e.pop("batch")
     return {**e, "grid": cfg.pool.grid, "pool": cfg.pool.kind, "rf": cfg.patches.rf,
             "norm_eps": cfg.patches.norm_eps}
@@ -313,8 +323,13 @@ def _compute_encode(ctx: Context) -> str:
 
 
 def _train_params(cfg: PipelineConfig) -> dict:
+    """The head settings that change the model: for the torch heads (mlp, svm) the device type they resolve
+    to; the ridge and scikit-learn heads run on the CPU whatever head.device says."""
     h = cfg.section("head")
-    h.pop("device")
+    device = h.pop("device")
+    if h["kind"] in ("mlp", "svm"):
+        cuda = device.startswith("cuda") or (device == "auto" and torch_cuda_available())
+        h["device"] = "cuda" if cuda else "cpu"
     mlp_only = ["hidden", "dropout", "input_dropout", "epochs", "batch", "lr", "weight_decay",
                 "optimizer", "schedule", "patience", "label_smoothing", "precision"]
     unused = {"mlp": ["estimator", "params", "grid", "refit"], "svm": mlp_only + ["estimator"],
@@ -322,6 +337,12 @@ def _train_params(cfg: PipelineConfig) -> dict:
     for name in unused:
         h.pop(name)
     return h
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _compute_train(ctx: Context) -> str:

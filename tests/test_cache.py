@@ -184,3 +184,24 @@ def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(KmfeatError, match="disk full"):
         Runner(cfg, store).run("data")
     assert store.entries() == [] and store.leftovers() == []
+
+
+def test_keys_name_the_device_that_runs_consistently(monkeypatch, tmp_path):
+    """Issue 12: kmeans keyed its device setting while encode and train dropped theirs. Every stage whose bytes
+    depend on the device keys the one it resolves to: "auto" and "cpu" share entries on a CPU machine, and a
+    CUDA machine computes its own kmeans, encode and torch-head entries; the ridge head runs on CPU anyway."""
+    import torch
+
+    def keys(cuda, *overrides):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        runner = stages.Runner(config.load(None, ["data.source=\"imagefolder\"", *overrides], str(tmp_path)),
+                               Store(tmp_path / "cache"))
+        return {name: runner.key(name) for name in ("patches", "kmeans", "encode", "train")}
+
+    cpu, gpu = keys(False), keys(True)
+    assert cpu == keys(False, "kmeans.device=\"cpu\"", "encode.device=\"cpu\"", "head.device=\"cpu\"")
+    assert cpu["patches"] == gpu["patches"]
+    assert all(cpu[name] != gpu[name] for name in ("kmeans", "encode", "train"))
+    ridge_cpu, ridge_gpu = keys(False, "head.kind=\"ridge\""), keys(True, "head.kind=\"ridge\"")
+    assert ridge_cpu["encode"] != ridge_gpu["encode"]
+    assert stages._train_params(config.load(None, ["head.kind=\"ridge\""])).get("device") is None

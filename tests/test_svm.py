@@ -240,3 +240,21 @@ def test_bad_data_raise_kmfeat_error():
     head = LinearSVMHead(C=0.1, device="cpu").fit(X, y)
     with pytest.raises(KmfeatError, match="columns"):
         head.predict(X[:, :4])
+
+
+def test_remembered_points_are_looked_up_newest_first(monkeypatch):
+    """The line search re-asks the latest point: it must be found with one comparison of W (each torch.equal is
+    a host sync on CUDA), not after scanning every older point (issue 12 item 9)."""
+    rng = np.random.default_rng(1)
+    X, y = torch.tensor(rng.normal(size=(50, 6))), rng.integers(0, 3, 50)
+    Y = torch.where(torch.from_numpy(y)[:, None] == torch.arange(3), 1.0, -1.0).double()
+    W, b = torch.zeros(3, 6, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    obj = SquaredHingeObjective(Products(X), Y, W, b, 0.1)
+    for step in range(4):
+        W.fill_(0.01 * step)
+        obj()
+    calls = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, c: calls.append(1) or real_equal(a, c))
+    loss = obj()
+    assert obj.n_evals == 4 and len(calls) == 2 and np.isfinite(loss)  # W and b of the newest point only

@@ -96,7 +96,9 @@ class SquaredHingeObjective:
         self.n_evals = 0
 
     def _lookup(self):
-        for W, b, loss, gW, gb in self.seen:
+        """The remembered evaluation at the current point, newest first (the line search re-asks the latest;
+        each torch.equal on CUDA is a host sync, so the usual hit costs one)."""
+        for W, b, loss, gW, gb in reversed(self.seen):
             if torch.equal(W, self.W) and torch.equal(b, self.b):
                 return loss, gW, gb
         return None

@@ -155,6 +155,10 @@ def _resolve_device(device):
     return device
 
 
+ENCODER_PARAMS = ("centroids", "whiten_mean", "whiten_matrix", "rf", "stride", "kind", "alpha", "split", "q", "grid",
+                  "pool", "norm_eps", "device", "batch")
+
+
 class Encoder:
     """Dense Coates encoder: learned whitening + centroids in, pooled features out."""
 
@@ -176,6 +180,21 @@ class Encoder:
         self.batch = batch
         self._validate()
         self.device_ = _resolve_device(device)
+        self._prepare()
+
+    def __getstate__(self) -> dict:
+        """The constructor's parameters only: the device tensors (oneDNN-packed weights cannot be pickled, CUDA
+        tensors cannot be loaded without a GPU) are rebuilt by __setstate__ on the loading machine."""
+        return {name: getattr(self, name) for name in ENCODER_PARAMS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        try:
+            self.device_ = _resolve_device(self.device)
+        except KmfeatError:
+            warnings.warn(f"kmfeat.encode: this encoder was made for device {self.device!r}, which is not available "
+                          f"here; using the CPU", stacklevel=2)
+            self.device_ = "cpu"
         self._prepare()
 
     def _validate(self):

@@ -7,7 +7,7 @@ exactly what `kmfeat encode` caches, only in memory.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .encode import Encoder
@@ -16,11 +16,12 @@ from .patches import normalize_patches, sample_patches
 from .whiten import Whitener
 
 
-class CoatesFeaturizer(TransformerMixin, BaseEstimator):
+class CoatesFeaturizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """fit(images): patches -> whitening -> k-means; transform(images): pooled encodings.
 
     images are uint8 arrays (N, H, W, C); the output is float32 (N, cells * codes): cells = g*g summed over
-    the pyramid levels of `grid`, codes = k (2k with `split`).
+    the pyramid levels of `grid`, codes = k (2k with `split`). A fitted featurizer pickles (joblib.dump) and
+    loads on any machine, a GPU-fitted one on a CPU-only one too, and transforms as before.
     """
 
     def __init__(self, rf=6, n_patches=400_000, norm_eps=10.0, whiten="zca", whiten_eps=0.1,
@@ -58,6 +59,11 @@ class CoatesFeaturizer(TransformerMixin, BaseEstimator):
                                 norm_eps=self.norm_eps, device=self.device)
         self.n_features_out_ = self.encoder_.n_features
         return self
+
+    @property
+    def _n_features_out(self) -> int:
+        """For get_feature_names_out(): coatesfeaturizer0, coatesfeaturizer1, ..."""
+        return self.n_features_out_
 
     def transform(self, X) -> np.ndarray:
         check_is_fitted(self, "encoder_")

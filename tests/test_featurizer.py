@@ -65,3 +65,47 @@ def test_flip_test_encodes_the_mirrored_test_images(tmp_path):
     feat = CoatesFeaturizer(rf=4, n_patches=3000, k=12, kmeans_iters=4, kmeans_backend="torch").fit(ds.train_x)
     np.testing.assert_allclose(entry.array("test_flip"), feat.transform(ds.test_x[:, :, ::-1]), rtol=1e-5, atol=1e-5)
     assert not np.allclose(entry.array("test_flip"), entry.array("test"))
+
+
+def test_fitted_featurizer_pickles_and_transforms_bit_identically(tmp_path):
+    """Issue 12 item 9 / issue 13 item 4: pickle and joblib failed on the packed oneDNN weights; now the encoder
+    pickles its parameters and rebuilds its device state on load, with bit-identical features."""
+    import io
+    import pickle
+
+    import joblib
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+    f = CoatesFeaturizer(k=8, n_patches=2000, kmeans_iters=3, kind="soft", split=True, grid=[1, 2],
+                         device="cpu").fit(X)
+    want = f.transform(X)
+    buf = io.BytesIO()
+    joblib.dump(f, buf)
+    buf.seek(0)
+    for loaded in (pickle.loads(pickle.dumps(f)), joblib.load(buf)):
+        assert loaded.transform(X).tobytes() == want.tobytes()
+    names = f.get_feature_names_out()
+    assert len(names) == want.shape[1] == 5 * 16 and names[0] == "coatesfeaturizer0"
+
+
+def test_an_encoder_made_for_cuda_loads_on_a_cpu_only_machine(monkeypatch):
+    import pickle
+    import warnings
+
+    import torch
+
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    f = CoatesFeaturizer(k=8, n_patches=2000, kmeans_iters=3, device="cpu").fit(X)
+    want = f.transform(X)
+    state = f.encoder_.__getstate__()
+    assert not any(isinstance(v, torch.Tensor) for v in state.values())  # nothing bound to a device
+    f.encoder_.device = "cuda"  # as if fitted with device="cuda" on a GPU machine
+    blob = pickle.dumps(f)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = pickle.loads(blob)
+    assert loaded.encoder_.device_ == "cpu" and any("not available here" in str(w.message) for w in caught)
+    np.testing.assert_array_equal(loaded.transform(X), want)

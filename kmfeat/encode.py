@@ -122,11 +122,14 @@ def _hard_cells_(e, cell_x, ones, reduce, out):
     return out.clamp_max_(1) if reduce == "max" else out
 
 
-def _compiled_fn(fn):
-    """One torch.compile wrapper per chain function, static shapes (the blocks are fixed-size)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _compiled[fn]
+def _compiled_fn(fn, device: str = "cpu"):
+    """One torch.compile wrapper per chain function and device type, static shapes (the blocks are fixed-size).
+    On CUDA inductor runs in its deterministic mode (no atomics, no autotuning by timing), so a compiled
+    encode gives the same bytes every run."""
+    if (fn, device) not in _compiled:
+        options = {"deterministic": True} if device == "cuda" else None
+        _compiled[fn, device] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return _compiled[fn, device]
 
 
 # Validation.
@@ -382,11 +385,11 @@ class Encoder:
         if geom["compiled"] and self.compile_:
             try:
                 if self.kind == "triangle":
-                    cells = _compiled_fn(_triangle_cells)(e, zz, cuts, reduce)
+                    cells = _compiled_fn(_triangle_cells, self.device_)(e, zz, cuts, reduce)
                 elif soft_split:
-                    cells = _compiled_fn(_soft_split_cells)(e, 2.0 * self.alpha, cuts, reduce)
+                    cells = _compiled_fn(_soft_split_cells, self.device_)(e, 2.0 * self.alpha, cuts, reduce)
                 else:
-                    cells = _compiled_fn(_soft_cells)(e, cuts, reduce)
+                    cells = _compiled_fn(_soft_cells, self.device_)(e, cuts, reduce)
                 self.compiled_once_ = True
                 return cells
             except torch.OutOfMemoryError:

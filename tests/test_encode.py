@@ -318,7 +318,7 @@ def test_real_cifar_images_match_reference():
 
 
 def test_compile_failure_warns_and_falls_back_to_eager(monkeypatch):
-    def broken(fn):
+    def broken(fn, device="cpu"):
         def fail(*args):
             raise RuntimeError("no compiler")
         return fail
@@ -341,7 +341,7 @@ def test_fused_chain_and_auto_compile_policy(monkeypatch, kind):
     KMFEAT_COMPILE unset they are used once the encoder has seen enough work in all."""
     used = []
 
-    def uncompiled(fn):
+    def uncompiled(fn, device="cpu"):
         used.append(fn.__name__)
         return fn
 
@@ -474,3 +474,15 @@ def test_new_code_and_pool_errors():
             build()
     with pytest.raises(KmfeatError, match="pool.grid: the pyramid"):
         Encoder(c, mean, Wm, rf=3, grid=[2, 3]).transform(_images(2, 7, 7, 3))  # 5x5 map < 6x6
+
+
+def test_compiled_wrappers_are_per_device_and_deterministic_on_cuda(monkeypatch):
+    """Issue 12 item 1: on CUDA, inductor compiles in its deterministic mode; CPU kernels are left as they were
+    (their bytes are what the caches hold)."""
+    made = []
+    monkeypatch.setattr(encode, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: made.append(kw) or fn)
+    assert encode._compiled_fn(encode._soft_cells, "cpu") is encode._soft_cells
+    encode._compiled_fn(encode._soft_cells, "cuda")
+    encode._compiled_fn(encode._soft_cells, "cuda")
+    assert [kw["options"] for kw in made] == [None, {"deterministic": True}]

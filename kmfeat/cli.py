@@ -121,8 +121,10 @@ def search(ctx, pipeline, data, overrides, force, trials, timeout, subset, seed)
 
 def _metrics_table(metrics: dict) -> str:
     test = metrics["test"]
+    images = metrics.get("train_accuracy_images")
+    measured = f"on the {images:,} fit images; " if images is not None else ""
     lines = [f"head            {metrics['head']}",
-             f"train accuracy  {metrics['train_accuracy']:.4f}  ({metrics['n_fit']:,} fit rows)",
+             f"train accuracy  {metrics['train_accuracy']:.4f}  ({measured}fit on {metrics['n_fit']:,} rows)",
              f"val accuracy    {metrics['val_accuracy']:.4f}  ({metrics['n_val']:,} images)",
              f"test accuracy   {test['accuracy']:.4f}  ({metrics['n_test']:,} images)"]
     if metrics.get("epochs_run"):

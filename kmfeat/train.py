@@ -152,6 +152,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     metrics = {
         "head": f"sklearn:{h.estimator}" if h.kind == "sklearn" else h.kind,
         "train_accuracy": float((train_pred == y_train[fit_idx]).mean()),
+        "train_accuracy_images": int(len(fit_idx)),  # measured on the fit images themselves, not their mirrors
         "val_accuracy": val_acc,
         "test": test,
         "n_fit": int(len(y_fit)), "n_val": int(0 if y_val is None else len(y_val)), "n_test": int(len(y_test)),

@@ -69,7 +69,11 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert (train_dir / png).stat().st_size > 1000
     kmeans_dir = Path(kmfeat("cache", "path", "kmeans", "--data", data, *TINY, cache=cache).stdout.strip())
     assert (kmeans_dir / "centroids.png").stat().st_size > 1000
-    assert "test accuracy" in kmfeat("evaluate", "--data", data, *TINY, cache=cache).stdout
+    evaluate = kmfeat("evaluate", "--data", data, *TINY, cache=cache).stdout
+    assert "test accuracy" in evaluate
+    # issue 13: train accuracy is measured on the fit images, which is not the number of fit rows with mirrors
+    n_images = metrics["train_accuracy_images"]
+    assert n_images == 36 - 6 and f"(on the {n_images:,} fit images; fit on {metrics['n_fit']:,} rows)" in evaluate
     ls = kmfeat("cache", "ls", cache=cache).stdout
     assert all(stage in ls for stage in ["data", "patches", "whiten", "kmeans", "encode", "train"])
     # a scikit-learn head on the same cached features: encode is not recomputed

@@ -82,7 +82,7 @@ class HeadConfig:
     """Classifier on the cached features: the torch dropout MLP, the torch linear L2-SVM
     (C from grid.C, chosen on val) or any scikit-learn classifier (estimator + params + grid)."""
     kind: Literal["mlp", "svm", "ridge", "sklearn"] = "mlp"
-    val: int = 5000
+    val: int | float = 0.1  # validation images held out of train: a count, or a fraction (0.1: 5,000 of CIFAR-10)
     power: float = 1.0
     tta: bool = False
     mirrors: Literal["rows", "mean"] = "rows"
@@ -345,7 +345,10 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("data.limit_train", cfg.data.limit_train, 0)
     _positive("data.limit_test", cfg.data.limit_test, 0)
     _positive("encode.batch", cfg.encode.batch, 0)
-    _positive("head.val", cfg.head.val, 0)
+    v = cfg.head.val
+    if not ((isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 < v < 1)):
+        raise KmfeatError(f"head.val: got {v!r}, expected a count of validation images >= 0 (0: none) or a "
+                          f"fraction of the training images in (0, 1), e.g. 0.1")
     if cfg.patches.norm_eps <= 0:
         raise KmfeatError(f"patches.norm_eps: got {cfg.patches.norm_eps}, expected > 0 (flat patches "
                           f"would divide by zero)")

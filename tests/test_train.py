@@ -211,3 +211,22 @@ def test_mirror_means_need_mirrored_train_and_test_features(tmp_path):
                            "head.kind=ridge", "head.val=30"]).head
     with pytest.raises(KmfeatError, match="needs mirrored train and test features"):
         train_head(h, features_entry(tmp_path), Store(tmp_path).writer("train", "t", {}, {}))
+
+
+def test_default_val_scales_with_the_data(tmp_path):
+    """Issue 13: head.val = 5000 broke every run on <= 5,000 training images. The default is now 10% of the
+    training images (5,000 of CIFAR-10's 50,000); a count still works, and a fraction is the same split as
+    the count it rounds to."""
+    from kmfeat.heads.common import validation_split
+
+    entry = features_entry(tmp_path)
+    h = config.load(None, ["head.kind=ridge"]).head
+    assert h.val == 0.1
+    metrics = train_head(h, entry, Store(tmp_path).writer("train", "t", {}, {}))
+    assert metrics["n_val"] == 30 and metrics["n_fit"] == 2 * 270
+    y = np.arange(50_000) % 10
+    for a, b in zip(validation_split(y, 0.1, 3), validation_split(y, 5000, 3)):
+        np.testing.assert_array_equal(a, b)
+    for bad in ("head.val=1.5", "head.val=-0.1", "head.val=-3"):
+        with pytest.raises(Exception, match="head.val"):
+            config.load(None, [bad])

@@ -207,16 +207,19 @@ def standardizer_from_state(blob: dict) -> "Standardizer":
     return std
 
 
-def validation_split(y, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): class-balanced, seeded held-out split of size n_val from the training labels (n_val=0: no val).
+def validation_split(y, n_val: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): class-balanced, seeded held-out split of size n_val from the training labels (n_val=0: no val;
+    a float in (0, 1): that fraction of them, rounded).
 
     Each class gives a share of n_val proportional to its frequency (largest remainder), so balanced
     labels give exactly n_val / n_classes per class. Both index arrays are sorted (cheap memmap reads).
     """
     y = np.asarray(y)
     n = len(y)
+    if isinstance(n_val, float) and 0 < n_val < 1:  # a fraction of the training images
+        n_val = int(round(n_val * n))
     if isinstance(n_val, bool) or not isinstance(n_val, (int, np.integer)) or n_val < 0:
-        raise KmfeatError(f"head.val: expected an integer >= 0, got {n_val!r}")
+        raise KmfeatError(f"head.val: expected a count >= 0 or a fraction in (0, 1), got {n_val!r}")
     if n_val == 0:
         return np.arange(n), np.empty(0, dtype=np.int64)
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)

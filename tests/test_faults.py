@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_image_folder
+from helpers import REAL_CIFAR, make_image_folder
 from kmfeat import config, load_features
 from kmfeat.cache import Store
 from kmfeat.errors import KmfeatError
@@ -222,6 +222,35 @@ def test_kill9_after_the_auto_policy_compiled_then_rerun_is_bit_identical(worklo
     assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()
     assert "encode: resuming, " in (tmp_path / "rerun.log").read_text()
     assert_same_as_reference(workload, cache, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CIFAR.exists(), reason=f"{REAL_CIFAR} not present")
+def test_kill9_after_the_auto_switch_on_the_real_copy_then_rerun_is_bit_identical(tmp_path):
+    """The same on real CIFAR-10 with the shipped threshold: 11,000 images at k = 1,600 pass COMPILE_MIN_WORK
+    after about 8,500 images, where the old per-process switch happened; the kill comes after that point."""
+    args = ["encode", "-p", "pipelines/quick.toml", "--data", str(REAL_CIFAR), "-o", "data.limit_train=10000",
+            "-o", "kmeans.k=1600", "-o", "patches.n=100000", "-o", "kmeans.iters=5"]
+    env = {k: v for k, v in _env(tmp_path / "base", KMFEAT_SHARD="500").items() if k != "KMFEAT_COMPILE"}
+
+    def run(cache, wait=True):
+        proc = subprocess.Popen([sys.executable, "-m", "kmfeat", *args], cwd=ROOT, env={**env, "KMFEAT_CACHE": str(cache)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if wait:
+            assert proc.wait(timeout=1200) == 0, proc.stderr.read()
+        return proc
+
+    run(tmp_path / "reference")
+    (key,) = [p.name for p in (tmp_path / "reference" / "encode").iterdir()]
+    cache = tmp_path / "cache"
+    proc = run(cache, wait=False)
+    wait_until(proc, lambda: done_shards(cache, key) >= 18, timeout=1200)  # 9,000 of 10,000 train images
+    proc.kill()
+    proc.wait()
+    run(cache)
+    ref, got = Store(tmp_path / "reference").get("encode", key), Store(cache).get("encode", key)
+    for name in ("train", "test"):
+        assert (got.path / f"{name}.npy").read_bytes() == (ref.path / f"{name}.npy").read_bytes(), name
 
 
 def test_ctrl_c_keeps_checkpoint_and_rerun_resumes(workload, tmp_path):

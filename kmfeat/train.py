@@ -136,9 +136,8 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     train_pred = head.predict(training_rows(features, fit_idx, True)[0] if mean else Rows([(X_train, fit_idx)]))
     y_test = np.asarray(features.array("test_y"))
     X_test = Rows([features.array("test")])
-    single = None
+    single = None  # with mirrors = "mean" the head never saw a single view: it predicts only from image + mirror
     if mean:
-        single = float((head.predict(X_test) == y_test).mean())
         test_pred = head.predict(MeanRows([X_test, Rows([features.array("test_flip")])]))
     elif tta:
         X_test = X_test.materialize()

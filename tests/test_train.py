@@ -200,6 +200,7 @@ def test_mirror_means_fit_and_predict_on_image_plus_mirror_averages(tmp_path, mo
     assert metrics["val_accuracy"] == pytest.approx(np.mean(head.predict(mean("train", val_idx)) == y[val_idx]))
     assert metrics["test"]["accuracy"] == pytest.approx(np.mean(head.predict(test_mean) == y_test))
     assert metrics["mirror_averaged"] and metrics["mirrors"] == "mean"
+    assert metrics["test_accuracy_without_mirror_averaging"] is None  # single views are not its input
 
 
 def test_mirror_means_need_mirrored_train_and_test_features(tmp_path):

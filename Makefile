@@ -25,7 +25,7 @@ ifeq ($(HEAD),linear)
 # and half the Gram matrix's time)
 HEAD_ARGS := -o head.kind=ridge -o head.power=1 -o head.mirrors=mean
 else ifeq ($(HEAD),svm)
-HEAD_ARGS := -o head.kind=svm -o 'head.grid={C=[0.001, 0.002, 0.004, 0.008]}'
+HEAD_ARGS := -o head.kind=svm -o head.mirrors=mean -o 'head.grid={C=[0.001, 0.002, 0.004, 0.008]}'
 else ifeq ($(HEAD),logreg)
 HEAD_ARGS := -o head.kind=sklearn -o head.estimator=LogisticRegression \
 	-o 'head.params={max_iter=300}' -o 'head.grid={C=[0.0001, 0.001, 0.01]}'

@@ -360,9 +360,6 @@ def validate(cfg: PipelineConfig) -> None:
         raise KmfeatError(f"head.dropout: got {cfg.head.dropout}, expected 0 <= dropout < 1")
     if not 0 <= cfg.head.input_dropout < 1:
         raise KmfeatError(f"head.input_dropout: got {cfg.head.input_dropout}, expected 0 <= dropout < 1")
-    if cfg.head.mirrors == "mean" and not (cfg.encode.flip_train and cfg.encode.flip_test):
-        raise KmfeatError("head.mirrors = \"mean\": fits and predicts on each image's features averaged with its "
-                          "mirror's, so it needs encode.flip_train = true and encode.flip_test = true")
     if cfg.head.refit and cfg.head.kind == "mlp":
         raise KmfeatError("head.refit: only the svm, ridge and sklearn heads refit on train + val "
                           "(the MLP's epoch is chosen on val); set head.refit = false")

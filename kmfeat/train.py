@@ -106,10 +106,10 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     if h.tta and not tta:
         say("train: head.tta is on but the features have no mirrored val/test images (encode.flip_train and "
             "encode.flip_test); predicting without mirror averaging")
-    mean = h.mirrors == "mean"
-    if mean and not (features.has("train_flip") and features.has("test_flip")):
-        raise KmfeatError("head.mirrors = \"mean\" needs mirrored train and test features; encode with "
-                          "encode.flip_train = true and encode.flip_test = true")
+    mean = h.mirrors == "mean" and features.has("train_flip") and features.has("test_flip")
+    if h.mirrors == "mean" and not mean:
+        say("train: head.mirrors = \"mean\" but the features have no mirrored train and test images "
+            "(encode.flip_train and encode.flip_test); fitting and predicting on single views")
     tta = tta and not mean  # mean: predictions already see each image with its mirror
     X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed, mean)
     head = make_head(h).fit(X_fit, y_fit, X_val, y_val)

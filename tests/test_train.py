@@ -203,15 +203,12 @@ def test_mirror_means_fit_and_predict_on_image_plus_mirror_averages(tmp_path, mo
     assert metrics["test_accuracy_without_mirror_averaging"] is None  # single views are not its input
 
 
-def test_mirror_means_need_mirrored_train_and_test_features(tmp_path):
-    from kmfeat.errors import KmfeatError
-
-    with pytest.raises(KmfeatError, match="flip_test = true"):
-        config.load(None, ["head.mirrors=mean", "encode.flip_train=true"])
-    h = config.load(None, ["head.mirrors=mean", "encode.flip_train=true", "encode.flip_test=true",
-                           "head.kind=ridge", "head.val=30"]).head
-    with pytest.raises(KmfeatError, match="needs mirrored train and test features"):
-        train_head(h, features_entry(tmp_path), Store(tmp_path).writer("train", "t", {}, {}))
+def test_mirror_means_without_mirrored_features_say_so_and_fit_single_views(tmp_path, capsys):
+    """`make train HEAD=linear` sets head.mirrors = "mean"; on a pipeline without flips it still trains."""
+    h = config.load(None, ["head.mirrors=mean", "head.kind=ridge", "head.val=30"]).head
+    metrics = train_head(h, features_entry(tmp_path), Store(tmp_path).writer("train", "t", {}, {}))
+    assert metrics["n_fit"] == 2 * 270 and not metrics["mirror_averaged"]
+    assert "fitting and predicting on single views" in capsys.readouterr().err
 
 
 def test_default_val_scales_with_the_data(tmp_path):

@@ -9,7 +9,7 @@ __all__ = ["load_features", "CoatesFeaturizer", "__version__"]
 
 def __getattr__(name):
     if name == "load_features":
-        from .stages import load_features
+        from .features import load_features
 
         return load_features
     if name == "CoatesFeaturizer":

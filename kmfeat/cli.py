@@ -157,7 +157,8 @@ def evaluate(ctx, pipeline, data, overrides, force):
               help="Output .npz file: a new file, or a regular file to replace.")
 @click.pass_context
 def export(ctx, pipeline, data, overrides, force, out):
-    """Write the cached features and labels to one .npz (X_train, y_train, X_test, y_test)."""
+    """Write the cached features and labels to one .npz (X_train, y_train, X_test, y_test, classes, and
+    X_train_flip / X_test_flip when the pipeline encoded mirrored images)."""
     from .export import export_features
 
     runner = _runner(ctx, pipeline, data, overrides)

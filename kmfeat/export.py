@@ -34,13 +34,17 @@ def output_path(out) -> Path:
 
 
 def export_features(entry: Entry, out) -> Path:
-    """Write X_train, y_train, X_test, y_test and classes of `entry` to `out` (a temp file beside it, renamed
-    into place: a failed write leaves the old file as it was)."""
+    """Write X_train, y_train, X_test, y_test, classes (and X_train_flip / X_test_flip where encoded) of `entry`
+    to `out` (a temp file beside it, renamed into place: a failed write leaves the old file as it was)."""
     target = output_path(out)
     tmp = target.with_name(f".{target.name}.part-{os.getpid()}.npz")
     try:
-        np.savez(tmp, X_train=entry.array("train"), y_train=entry.array("train_y"),
-                 X_test=entry.array("test"), y_test=entry.array("test_y"), classes=np.array(entry.meta["classes"]))
+        arrays = dict(X_train=entry.array("train"), y_train=entry.array("train_y"), X_test=entry.array("test"),
+                      y_test=entry.array("test_y"), classes=np.array(entry.meta["classes"]))
+        for name in ("train_flip", "test_flip"):  # the mirrored images' features, when they were encoded
+            if entry.has(name):
+                arrays[f"X_{name}"] = entry.array(name)
+        np.savez(tmp, **arrays)
         os.replace(tmp, target)
     except OSError as exc:
         if is_disk_full(exc):

@@ -471,26 +471,3 @@ class Runner:
         self.log(f"{stage.name}: {summary}; {time.time() - start:.1f} s, "
                  f"{_human_bytes(entry.size_bytes())} -> {entry.path}")
         return entry
-
-
-def load_features(source: str | Path, cache_dir: str | Path | None = None, overrides=(),
-                  data: str | None = None):
-    """(X_train, y_train, X_test, y_test) of cached features, memory-mapped.
-
-    `source` is an encode folder (as printed by `kmfeat cache path encode`) or a pipeline TOML
-    whose features were computed with `kmfeat encode`.
-    """
-    from . import config
-
-    path = Path(source)
-    if path.is_dir():
-        store = Store(path.parent.parent)
-        entry = store.get(path.parent.name, path.name)
-        if entry is None or entry.stage != "encode":
-            raise KmfeatError(f"{path}: not a finished encode entry (no manifest.json)")
-    else:
-        cfg = config.load(path, overrides, data)
-        entry = Runner(cfg, Store(cache_dir)).cached("encode")
-        if entry is None:
-            raise KmfeatError(f"{path}: features not computed yet; run `kmfeat encode -p {path}` first")
-    return entry.array("train"), entry.array("train_y"), entry.array("test"), entry.array("test_y")

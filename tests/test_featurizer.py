@@ -1,5 +1,7 @@
 """CoatesFeaturizer: a scikit-learn transformer computing exactly what the CLI stages cache."""
 
+from pathlib import Path
+
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
@@ -109,3 +111,40 @@ def test_an_encoder_made_for_cuda_loads_on_a_cpu_only_machine(monkeypatch):
         loaded = pickle.loads(blob)
     assert loaded.encoder_.device_ == "cpu" and any("not available here" in str(w.message) for w in caught)
     np.testing.assert_array_equal(loaded.transform(X), want)
+
+
+def test_load_features_from_another_folder_and_with_mirrors(tmp_path, monkeypatch):
+    """Issue 13: load_features worked only from the repo root and returned no mirrored rows; export neither."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from kmfeat.errors import KmfeatError
+
+    data = make_image_folder(tmp_path / "imgs", n_train=4, n_test=2)
+    cache = tmp_path / "store"
+    over = ["data.source=\"imagefolder\"", "patches.n=2000", "kmeans.k=8", "kmeans.iters=2",
+            "encode.flip_train=true", "encode.flip_test=true"]
+    args = [a for o in over for a in ("-o", o)]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "kmfeat", "-q", "--cache-dir", str(cache), "encode", "-p",
+                    str(root / "pipelines" / "quick.toml"), "--data", str(data), *args], check=True, cwd=root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("KMFEAT_CACHE", raising=False)
+    with pytest.raises(KmfeatError, match=f"in the cache {elsewhere / 'cache'}"):
+        load_features(root / "pipelines" / "quick.toml", overrides=over, data=str(data))
+    monkeypatch.setenv("KMFEAT_CACHE", str(cache))
+    X, y, Xt, yt, Xf, Xtf = load_features(root / "pipelines" / "quick.toml", overrides=over, data=str(data), flips=True)
+    assert X.shape == Xf.shape and Xt.shape == Xtf.shape and not np.array_equal(X, Xf)
+    four = load_features(root / "pipelines" / "quick.toml", cache_dir=cache, overrides=over, data=str(data))
+    assert len(four) == 4 and np.array_equal(four[0], X)
+    out = tmp_path / "f.npz"
+    subprocess.run([sys.executable, "-m", "kmfeat", "-q", "--cache-dir", str(cache), "export", "-p",
+                    str(root / "pipelines" / "quick.toml"), "--data", str(data), *args, "--out", str(out)],
+                   check=True, cwd=root)
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["X_train_flip"], Xf)
+        np.testing.assert_array_equal(z["X_test_flip"], Xtf)

@@ -57,6 +57,8 @@ def cli(ctx: click.Context, cache_dir: str, quiet: bool) -> None:
     Errors exit with status 2, Ctrl-C with 130; an interrupted `encode` resumes when rerun.
     """
     _check_cache_dir(cache_dir)
+    # torch.compile's kernels live with the stage store (not in /tmp/torchinductor_$USER) unless set
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve() / ".inductor"))
     ctx.obj = {"cache_dir": cache_dir, "quiet": quiet}
 
 

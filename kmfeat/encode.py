@@ -13,6 +13,7 @@ in cache: as one fused torch.compile kernel for big jobs, or as in-place eager p
 """
 import functools
 import os
+import time
 import warnings
 
 import numpy as np
@@ -23,6 +24,7 @@ from .determinism import deterministic_sums
 from .errors import KmfeatError
 from .linear import Linear
 from .precision import full_fp32
+from .progress import say
 from .pooling import POOL_KINDS, cell_index, finest, levels, n_cells, pool_bounds, pyramid
 
 KINDS = ("triangle", "hard", "soft", "knn")
@@ -383,6 +385,11 @@ class Encoder:
         e = self.code_(zb).view(zz.shape[0], zz.shape[1], -1)
         soft_split = self.kind == "soft" and self.split
         if geom["compiled"] and self.compile_:
+            fn = _triangle_cells if self.kind == "triangle" else _soft_split_cells if soft_split else _soft_cells
+            fresh, t0 = (fn, self.device_) not in _compiled, time.perf_counter()
+            if fresh:
+                say("encode: compiling the fused encoder kernel, once per process (about 10-30 s the first time, "
+                    "a few s from the inductor cache) ...")
             try:
                 if self.kind == "triangle":
                     cells = _compiled_fn(_triangle_cells, self.device_)(e, zz, cuts, reduce)
@@ -391,6 +398,8 @@ class Encoder:
                 else:
                     cells = _compiled_fn(_soft_cells, self.device_)(e, cuts, reduce)
                 self.compiled_once_ = True
+                if fresh:
+                    say(f"encode: compiled in {time.perf_counter() - t0:.1f} s")
                 return cells
             except torch.OutOfMemoryError:
                 raise  # not a compiler failure: eager would run out of memory too

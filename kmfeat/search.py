@@ -171,8 +171,8 @@ def search_rows(features: Entry, h: HeadConfig, subset: int = 0, seed: int = 0):
     n_classes = len(np.unique(y[fit_idx]))
     if not n_classes <= subset <= len(fit_idx):
         raise KmfeatError(f"--subset {subset}: expected at least one image per class ({n_classes}) and at most the "
-                          f"{len(fit_idx):,} images of the fit split ({len(y):,} train images minus the {len(val_idx):,} of "
-                          f"head.val = {h.val}); use --subset 0 for all of them")
+                          f"{len(fit_idx):,} images of the fit split ({len(y):,} train images minus the "
+                          f"{len(val_idx):,} of head.val = {h.val}); use --subset 0 for all of them")
     picked = fit_idx[balanced_subset(y[fit_idx], subset, seed, what="--subset")]
     mean = h.mirrors == "mean"
     X_fit, y_fit = training_rows(features, picked, mean)

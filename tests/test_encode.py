@@ -1,6 +1,7 @@
 """The dense encoder against the naive float64 reference, plus batching, flips, errors and the baseline."""
 import importlib.util
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -486,3 +487,29 @@ def test_compiled_wrappers_are_per_device_and_deterministic_on_cuda(monkeypatch)
     encode._compiled_fn(encode._soft_cells, "cuda")
     encode._compiled_fn(encode._soft_cells, "cuda")
     assert [kw["options"] for kw in made] == [None, {"deterministic": True}]
+
+
+def test_the_first_compile_is_announced_with_its_time(monkeypatch, capsys):
+    """Issue 13: encode froze ~20 s without a word at its first compile."""
+    monkeypatch.setenv("KMFEAT_COMPILE", "1")
+    monkeypatch.setattr(encode, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    images, mean, Wm, centroids = _setup(10, 10, 3, 3, 8)
+    for _ in range(2):
+        Encoder(centroids, mean, Wm, rf=3, device="cpu").transform(images)
+    err = capsys.readouterr().err
+    assert err.count("encode: compiling the fused encoder kernel, once per process") == 1
+    assert err.count("encode: compiled in ") == 1
+
+
+def test_inductor_cache_lives_under_the_cache_dir(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from kmfeat.cli import cli
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "c"), "cache", "ls"], catch_exceptions=False)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "c").resolve() / ".inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "c"), "cache", "ls"], catch_exceptions=False)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"  # a user's setting is respected

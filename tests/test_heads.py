@@ -329,3 +329,27 @@ def test_sklearn_save_load_round_trip(tmp_path):
     (tmp_path / "junk.joblib").write_bytes(b"junk")
     with pytest.raises(KmfeatError, match="junk.joblib"):
         SklearnHead.load(tmp_path / "junk.joblib")
+
+
+def test_sklearn_convergence_warning_is_one_line_and_grid_edges_are_said(capsys):
+    """Issue 13: scikit-learn's multi-line ConvergenceWarnings became one line per fit, and a best value at the
+    edge of a grid says which way to widen it."""
+    import warnings
+
+    X, y = blobs(400, d=10, k=3, sep=1.0, seed=2)
+    Xv, yv = blobs(200, d=10, k=3, sep=1.0, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may escape
+        head = SklearnHead("LogisticRegression", params={"max_iter": 2}, grid={"C": [1e-4, 1e-3]}).fit(X, y, Xv, yv)
+    err = capsys.readouterr().err
+    assert err.count("LogisticRegression did not converge in 2 iterations; raise head.params.max_iter") == 2
+    C = head.best_params_["C"]
+    side, way = ("largest", "larger") if C == 1e-3 else ("smallest", "smaller")
+    assert f"head.grid.C: the best value on val, {C:g}, is the {side} of the grid (0.0001, 0.001); add {way}" in err
+
+
+def test_grid_edge_note():
+    from kmfeat.heads.common import grid_edge_note
+
+    assert grid_edge_note("head.grid.C", [0.1, 1, 10], 1) is None and grid_edge_note("x", [3], 3) is None
+    assert "smallest" in grid_edge_note("head.grid.C", [10, 0.1, 1], 0.1)

@@ -173,7 +173,7 @@ def test_best_alpha_at_the_grid_edge_is_reported(capsys):
     err = capsys.readouterr().err
     assert "ridge alpha=1e+06 val_acc=" in err and "ridge alpha=1e+07 val_acc=" in err
     edge = "smallest" if head.best_params_["alpha"] == 1e6 else "largest"
-    assert f"is the {edge} in head.grid.alpha" in err
+    assert f"head.grid.alpha: the best value on val, {head.best_params_['alpha']:g}, is the {edge} of the grid" in err
 
 
 def test_float16_memmap_input(tmp_path):

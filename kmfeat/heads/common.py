@@ -191,6 +191,17 @@ def mirror_predict(head, X, X_mirror) -> np.ndarray:
                       f"set head.tta = false")
 
 
+def grid_edge_note(name: str, values, chosen) -> str | None:
+    """The line to say when the value chosen on val is the smallest or largest of a grid of several: the
+    optimum may lie beyond it, and which way to widen the grid."""
+    values = sorted(set(values))
+    if len(values) < 2 or chosen not in (values[0], values[-1]):
+        return None
+    side, way = ("smallest", "smaller") if chosen == values[0] else ("largest", "larger")
+    return (f"{name}: the best value on val, {chosen:g}, is the {side} of the grid "
+            f"({', '.join(f'{v:g}' for v in values)}); add {way} values, the optimum may lie beyond it")
+
+
 def standardizer_state(std: "Standardizer") -> dict:
     """The fitted Standardizer as tensors, for a head's torch.save blob."""
     import torch
@@ -208,8 +219,8 @@ def standardizer_from_state(blob: dict) -> "Standardizer":
 
 
 def validation_split(y, n_val: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): class-balanced, seeded held-out split of size n_val from the training labels (n_val=0: no val;
-    a float in (0, 1): that fraction of them, rounded).
+    """(train_idx, val_idx): class-balanced, seeded held-out split of size n_val from the training labels
+    (n_val=0: no val; a float in (0, 1): that fraction of them, rounded).
 
     Each class gives a share of n_val proportional to its frequency (largest remainder), so balanced
     labels give exactly n_val / n_classes per class. Both index arrays are sorted (cheap memmap reads).

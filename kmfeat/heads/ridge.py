@@ -16,8 +16,8 @@ from scipy.linalg import blas, cho_factor, cho_solve, eigh
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, load_torch_blob, row_chunks,
-                                 signed_power)
+from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, grid_edge_note, load_torch_blob,
+                                 row_chunks, signed_power)
 from kmfeat.progress import bar, say
 from kmfeat.rows import Rows
 
@@ -82,8 +82,8 @@ class RidgeHead(LinearScores, ClassifierMixin, BaseEstimator):
     W = V diag(1 / (s + alpha)) V^T Zc^T Yc for every alpha), "cholesky" (one factorization of G + alpha I per alpha)
     or "auto" (cholesky unless the grid has at least EIGH_COST_IN_CHOLESKYS alphas: on CPU an eigendecomposition
     costs many Cholesky factorizations). walk (cholesky with a val split): climb the grid from its middle instead
-    of solving every alpha (see _fit_grid); grid_scores_ lists the alphas solved. coef_ and intercept_ act on standardized features:
-    decision = standardizer_.transform(X) @ coef_.T + intercept_.
+    of solving every alpha (see _fit_grid); grid_scores_ lists the alphas solved. coef_ and intercept_ act on
+    standardized features: decision = standardizer_.transform(X) @ coef_.T + intercept_.
     """
 
     def __init__(self, alpha=None, gram_dtype="float32", solver="auto", chunk_rows=8192, power=1.0, walk=True):
@@ -284,9 +284,9 @@ class RidgeHead(LinearScores, ClassifierMixin, BaseEstimator):
         chosen = max(ok, key=lambda i: (solve(i), i))
         score, W, b = tried[chosen]
         alpha = score["params"]["alpha"]
-        if Zv is not None and n > 1 and chosen in (0, n - 1):
-            side = "smallest" if chosen == 0 else "largest"
-            say(f"ridge: the best alpha={alpha:.6g} is the {side} in head.grid.alpha; a wider grid may do better")
+        note = grid_edge_note("head.grid.alpha", self.alphas_, alpha) if Zv is not None else None
+        if note:
+            say(note)
         self.coef_ = np.ascontiguousarray(W.T, dtype=np.float32)
         self.intercept_ = b.astype(np.float32)
         self.best_params_ = dict(score["params"])

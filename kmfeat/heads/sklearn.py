@@ -2,14 +2,16 @@
 import difflib
 import itertools
 import time
+import warnings
 
 import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import all_estimators
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import Standardizer, check_fit_data, chunk_rows, row_chunks
+from kmfeat.heads.common import Standardizer, check_fit_data, chunk_rows, grid_edge_note, row_chunks
 from kmfeat.progress import say
 
 PREDICT_CHUNK = 8192
@@ -35,12 +37,24 @@ def _check_names(cls, names, prefix: str) -> None:
 
 
 def _fit_one(estimator, X, y):
-    """Fit, turning scikit-learn's parameter-value and data errors into one-line KmfeatErrors."""
-    try:
-        return estimator.fit(X, y)
-    except ValueError as e:  # includes scikit-learn's InvalidParameterError
-        msg = " ".join(str(e).split())
-        raise KmfeatError(f"head.params: {type(estimator).__name__} could not be fit: {msg}") from None
+    """Fit, turning scikit-learn's parameter-value and data errors into one-line KmfeatErrors, and its
+    multi-line ConvergenceWarnings into one line per fit that says what to raise."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        try:
+            fitted = estimator.fit(X, y)
+        except ValueError as e:  # includes scikit-learn's InvalidParameterError
+            msg = " ".join(str(e).split())
+            raise KmfeatError(f"head.params: {type(estimator).__name__} could not be fit: {msg}") from None
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            n_iter = getattr(estimator, "max_iter", None)
+            said = f" in {n_iter} iterations" if n_iter is not None else ""
+            say(f"{type(estimator).__name__} did not converge{said}; raise head.params.max_iter")
+            break
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return fitted
 
 
 class SklearnHead(ClassifierMixin, BaseEstimator):
@@ -97,6 +111,12 @@ class SklearnHead(ClassifierMixin, BaseEstimator):
                 best = (score, est)
         self.estimator_ = best[1]
         self.best_params_ = {**params, **best[0]["params"]}
+        for name, values in (self.grid or {}).items() if has_val else ():
+            chosen = best[0]["params"][name]
+            note = grid_edge_note(f"head.grid.{name}", values, chosen) if all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) else None
+            if note:
+                say(note)
         self.classes_ = self.estimator_.classes_
         return self
 

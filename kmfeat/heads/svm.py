@@ -14,8 +14,8 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from kmfeat.errors import KmfeatError
-from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, chunk_rows, load_torch_blob,
-                                 row_chunks)
+from kmfeat.heads.common import (LinearScores, Standardizer, check_fit_data, chunk_rows, grid_edge_note,
+                                 load_torch_blob, row_chunks)
 from kmfeat.heads.mlp import resolve_device
 from kmfeat.precision import full_fp32
 from kmfeat.progress import bar, say
@@ -221,6 +221,9 @@ class LinearSVMHead(LinearScores, ClassifierMixin, BaseEstimator):
                 best = (score, W.to("cpu", torch.float32).numpy().copy(), b.to("cpu", torch.float32).numpy().copy())
         score, self.coef_, self.intercept_ = best
         self.best_params_ = dict(score["params"])
+        note = grid_edge_note("head.grid.C", c_values, score["params"]["C"]) if Xv is not None else None
+        if note:
+            say(note)
         self.n_iter_, self.objective_ = score["n_iter"], score["objective"]
 
     def _standardized(self, X, dtype) -> np.ndarray:

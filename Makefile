@@ -35,7 +35,7 @@ else ifneq ($(HEAD),)
 $(error HEAD=$(HEAD): expected linear (ridge), svm, logreg or mlp (empty: the pipeline's own head))
 endif
 
-.PHONY: venv features train test test-all bench clean-cache
+.PHONY: venv features train evaluate export test test-all bench clean-cache
 
 $(STAMP): pyproject.toml
 	flock $(VENV).lock sh -c 'test -x $(PY) || $(PYTHON) -m venv $(VENV); \
@@ -53,6 +53,13 @@ features: $(STAMP)
 train: $(STAMP)
 	$(KMFEAT) train $(RUN_ARGS) $(HEAD_ARGS)
 	$(KMFEAT) evaluate $(RUN_ARGS) $(HEAD_ARGS)
+
+evaluate: $(STAMP)
+	$(KMFEAT) evaluate $(RUN_ARGS) $(HEAD_ARGS)
+
+OUT ?= features.npz
+export: $(STAMP)
+	$(KMFEAT) export $(RUN_ARGS) --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

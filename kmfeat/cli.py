@@ -144,11 +144,12 @@ def _metrics_table(metrics: dict) -> str:
 @click.pass_context
 def evaluate(ctx, pipeline, data, overrides, force):
     """Print the metrics of the trained head of a pipeline (run `kmfeat train` first)."""
+    from .lookup import not_cached
+
     runner = _runner(ctx, pipeline, data, overrides)
     entry = runner.cached("train")
     if entry is None:
-        raise KmfeatError(f"no trained head for {pipeline or 'the default pipeline'} with these settings; "
-                          f"run `kmfeat train` first")
+        raise not_cached(pipeline, overrides, data, runner.store, "train", "run `kmfeat train` with the same options")
     click.echo(_metrics_table(json.loads(entry.file("metrics.json").read_text())))
     click.echo(f"files: {entry.path}")
 
@@ -162,11 +163,12 @@ def export(ctx, pipeline, data, overrides, force, out):
     """Write the cached features and labels to one .npz (X_train, y_train, X_test, y_test, classes, and
     X_train_flip / X_test_flip when the pipeline encoded mirrored images)."""
     from .export import export_features
+    from .lookup import not_cached
 
     runner = _runner(ctx, pipeline, data, overrides)
     entry = runner.cached("encode")
     if entry is None:
-        raise KmfeatError("features not computed yet for this pipeline; run `kmfeat encode` first")
+        raise not_cached(pipeline, overrides, data, runner.store, "encode", "run `kmfeat encode` with the same options")
     with runner.store.reading([entry]):
         path = export_features(entry, out)
     click.echo(f"export: {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -200,10 +202,16 @@ def cache_ls(ctx, stage):
 @cache_group.command("path")
 @click.argument("stage", type=click.Choice(list(STAGE_HELP)))
 @_pipeline_options
+@click.option("--expected", is_flag=True, help="Print the folder the entry will have even if it is not computed yet.")
 @click.pass_context
-def cache_path(ctx, stage, pipeline, data, overrides, force):
-    """Print the folder of STAGE's entry for a pipeline (whether or not it exists yet)."""
+def cache_path(ctx, stage, pipeline, data, overrides, force, expected):
+    """Print the folder of STAGE's entry for a pipeline (an error if it is not computed, unless --expected)."""
+    from .lookup import not_cached
+
     runner = _runner(ctx, pipeline, data, overrides)
+    if not expected and runner.cached(stage) is None:
+        raise not_cached(pipeline, overrides, data, runner.store, stage,
+                         f"run `kmfeat {stage}` with the same options (or use --expected)")
     click.echo(runner.store.entry_dir(stage, runner.key(stage)))
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .cache import Store
 from .errors import KmfeatError
+from .lookup import other_data
 
 
 def load_features(source: str | Path, cache_dir: str | Path | None = None, overrides=(), data: str | None = None,
@@ -29,6 +30,10 @@ def load_features(source: str | Path, cache_dir: str | Path | None = None, overr
         store = Store(cache_dir)
         entry = Runner(config.load(path, overrides, data), store).cached("encode")
         if entry is None:
+            found = other_data(path, overrides, data, store, "encode")
+            if found:
+                raise KmfeatError(f"{path}: features not computed with data={data!r}, but they are with data="
+                                  + " or ".join(repr(p or None) for p in found))
             raise KmfeatError(f"{path}: features not computed yet in the cache {store.root.resolve()} (cache_dir, else "
                               f"$KMFEAT_CACHE, else ./cache); run `kmfeat encode -p {path}` first, or pass the "
                               f"cache_dir it used")

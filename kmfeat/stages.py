@@ -96,6 +96,7 @@ def _compute_data(ctx: Context) -> str:
     for name in ("train_x", "train_y", "test_x", "test_y"):
         ctx.out.save(name, getattr(ds, name))
     ctx.out.meta["classes"] = list(ds.classes)
+    ctx.out.meta["path"] = str(Path(d.path).resolve()) if d.path else ""  # what --data selects this entry
     return (f"{len(ds.train_x):,} train + {len(ds.test_x):,} test images of "
             f"{'x'.join(map(str, ds.train_x.shape[1:]))}, {len(ds.classes)} classes")
 

@@ -101,3 +101,25 @@ def test_load_features_from_pipeline_and_folder(tmp_path):
                         f'[kmeans]\nk = 8\niters = 5\n')
     again = km.load_features(pipeline, cache_dir=cache)
     np.testing.assert_array_equal(again[0], X_train)
+
+
+def test_an_entry_cached_under_another_data_is_named(tmp_path):
+    """Issue 13: features computed with `make` (--data the JPEG copy) looked "not computed yet" to a CLI call
+    without --data, and `cache path` printed a folder that did not exist."""
+    data = make_image_folder(tmp_path / "imgs", n_train=4, n_test=2)
+    other = make_image_folder(tmp_path / "other", n_train=2, n_test=1)
+    cache = tmp_path / "cache"
+    kmfeat("encode", "--data", data, *TINY, cache=cache)
+    for args in (["export", "--out", tmp_path / "f.npz"], ["cache", "path", "encode"], ["evaluate"]):
+        for where in ([], ["--data", other]):
+            proc = kmfeat(*args, *where, *TINY, cache=cache, check=False)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+            stage = "train" if args == ["evaluate"] else "encode"
+            if stage == "encode":
+                assert f"but it is with: --data {data.resolve()}" in lines[0], lines[0]
+            else:
+                assert "not computed yet" in lines[0] and "run `kmfeat train`" in lines[0], lines[0]
+    expected = kmfeat("cache", "path", "encode", "--data", other, *TINY, "--expected", cache=cache)
+    assert expected.stdout.strip().startswith(str(cache / "encode"))
+    assert not Path(expected.stdout.strip()).exists()

@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import (Entry, Store, Writer, disk_full_error, free_bytes, is_disk_full, make_key,
-                    release_pages)
+from .cache import (Entry, Store, Writer, _fsync_dir, _fsync_file, disk_full_error, free_bytes, is_disk_full,
+                    make_key, release_pages)
 from .config import PipelineConfig
 from .errors import KmfeatError
 from .progress import bar, say
@@ -293,7 +293,9 @@ def _encode_split(split: _Split, encoder) -> None:
             split.done.add(start)
             part = split.record.with_name(split.record.name + ".part")
             part.write_text(json.dumps({"settings": split.settings, "done": sorted(split.done)}))
+            _fsync_file(part)  # on disk before it says the shard is done (msync above wrote the shard itself)
             part.replace(split.record)
+            _fsync_dir(split.record.parent)
             progress.update(stop - start)
 
 

@@ -205,3 +205,31 @@ def test_keys_name_the_device_that_runs_consistently(monkeypatch, tmp_path):
     ridge_cpu, ridge_gpu = keys(False, "head.kind=\"ridge\""), keys(True, "head.kind=\"ridge\"")
     assert ridge_cpu["encode"] != ridge_gpu["encode"]
     assert stages._train_params(config.load(None, ["head.kind=\"ridge\""])).get("device") is None
+
+
+@pytest.mark.parametrize("via", ["save", "memmap"])
+def test_whole_file_checksum_catches_damage_in_the_middle(tmp_path, via, monkeypatch):
+    """Issue 13: the digest covered the size and the first and last MiB, so damage in the middle of a big array
+    went unseen. Every array now carries an xxh3-128 of all its bytes (hashed while save() writes, at commit for
+    memmaps), checked when an entry's array is first read; KMFEAT_VERIFY=sample skips it."""
+    import xxhash
+
+    store = Store(tmp_path)
+    data = np.random.default_rng(0).random(1_000_000)  # 8 MB: the middle is outside the sampled MiBs
+    with store.lock("s", via):
+        w = store.writer("s", via, {}, {})
+        if via == "save":
+            w.save("x", data)
+        else:
+            w.open_array("x", data.shape, data.dtype)[:] = data
+        entry = w.commit()
+    path = entry.path / "x.npy"
+    assert entry.manifest["arrays"]["x"]["xxh3"] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    np.testing.assert_array_equal(Store(tmp_path).get("s", via).array("x"), data)
+    raw = bytearray(path.read_bytes())
+    raw[4_000_000] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(KmfeatError, match="whole-file checksum differs"):
+        Store(tmp_path).get("s", via).array("x")
+    monkeypatch.setenv("KMFEAT_VERIFY", "sample")
+    assert Store(tmp_path).get("s", via).array("x").shape == data.shape  # the opt-out for huge arrays

@@ -181,22 +181,17 @@ def cache_group():
 
 @cache_group.command("ls")
 @click.option("--stage", default=None, help="Only this stage.")
+@click.option("--long", "long_", is_flag=True, help="Every param of each entry.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: a JSON list of entries.")
 @click.pass_context
-def cache_ls(ctx, stage):
-    """List entries: stage, key, params summary, size, age."""
+def cache_ls(ctx, stage, long_, as_json):
+    """List entries: stage, key, size, age, status (train entries: test accuracy; unfinished ones: running or
+    interrupted) and params."""
+    from . import listing
     from .cache import Store
 
-    store = Store(ctx.obj["cache_dir"])
-    now = time.time()
-    click.echo(f"{'stage':<8} {'key':<16} {'size':>9} {'age':>7}  params")
-    for e in store.entries(stage):
-        size = e.size_bytes() / 1e6
-        age = now - e.path.stat().st_mtime
-        age_s = f"{age / 3600:.1f}h" if age > 3600 else f"{age / 60:.0f}m"
-        params = ", ".join(f"{k}={v}" for k, v in e.params.items() if v not in ("", [], {}))
-        click.echo(f"{e.stage:<8} {e.key:<16} {size:>7.1f}MB {age_s:>7}  {params[:100]}")
-    for stage_name, key, path in store.leftovers():
-        click.echo(f"{stage_name:<8} {key:<16} {'-':>9} {'-':>7}  (unfinished: {path.name})")
+    entries = listing.rows(Store(ctx.obj["cache_dir"]), stage)
+    click.echo(listing.as_json(entries) if as_json else listing.table(entries, long_))
 
 
 @cache_group.command("path")

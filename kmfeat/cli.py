@@ -303,8 +303,10 @@ def run_command(command: click.Command, argv, prog_name: str, interrupted: str, 
     Ctrl-C with `interrupted` and 130; `os_error(exc)` words an OSError (unwritable path, ...)."""
     try:
         command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo(interrupted, err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns Ctrl-C into Abort; the KeyboardInterrupt behind it carries what the running stage keeps
+        hints = [getattr(e, "kmfeat_hint", None) for e in (exc, exc.__cause__, exc.__context__)]
+        click.echo(next((h for h in hints if h), interrupted), err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

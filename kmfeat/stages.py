@@ -53,6 +53,15 @@ class Context:
     log: Callable[[str], None] = say
 
 
+INTERRUPTED = {
+    "encode": "Interrupted; rerun the same command to resume.",
+    "train": "Interrupted during train; rerun the same command: an MLP head resumes after its last finished epoch, "
+             "other heads start over (the features and earlier stages are kept).",
+    None: "Interrupted during {stage}; rerun the same command: finished stages are kept, {stage} starts over.",
+}
+"""What is true after Ctrl-C in each stage (printed instead of the CLI's generic line)."""
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -362,7 +371,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("whiten", ("patches",), _whiten_params, _compute_whiten),
     Stage("kmeans", ("patches", "whiten"), _kmeans_params, _compute_kmeans),
     Stage("encode", ("data", "whiten", "kmeans"), _encode_params, _compute_encode, resumable=True),
-    Stage("train", ("encode",), _train_params, _compute_train, revision=1),  # 1: svm solved to tol 1e-6
+    # train resumes the MLP from its per-epoch checkpoint; revision 1: svm solved to tol 1e-6
+    Stage("train", ("encode",), _train_params, _compute_train, resumable=True, revision=1),
 ]}
 
 
@@ -467,9 +477,11 @@ class Runner:
             if full is not None:
                 raise disk_full_error(full, self.store.root / stage.name) from None
             raise
-        except BaseException:
+        except BaseException as exc:
             if not stage.resumable:
                 writer.abort()
+            if isinstance(exc, KeyboardInterrupt):
+                exc.kmfeat_hint = INTERRUPTED.get(stage.name, INTERRUPTED[None]).format(stage=stage.name)
             raise
         self.log(f"{stage.name}: {summary}; {time.time() - start:.1f} s, "
                  f"{_human_bytes(entry.size_bytes())} -> {entry.path}")

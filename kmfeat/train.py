@@ -112,7 +112,12 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
             "(encode.flip_train and encode.flip_test); fitting and predicting on single views")
     tta = tta and not mean  # mean: predictions already see each image with its mirror
     X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed, mean)
-    head = make_head(h).fit(X_fit, y_fit, X_val, y_val)
+    head = make_head(h)
+    if h.kind == "mlp":  # a checkpoint per epoch in the temp folder: an interrupted train resumes from it
+        out.scratch("mlp-checkpoint.pt.part")
+        head.fit(X_fit, y_fit, X_val, y_val, checkpoint=out.scratch("mlp-checkpoint.pt"))
+    else:
+        head.fit(X_fit, y_fit, X_val, y_val)
     val_acc = float("nan")
     if X_val is not None:
         val_pred = head.predict(X_val)

@@ -268,6 +268,27 @@ def test_ctrl_c_keeps_checkpoint_and_rerun_resumes(workload, tmp_path):
     assert_same_as_reference(workload, cache)
 
 
+def test_ctrl_c_during_train_says_what_is_kept_and_the_mlp_resumes(workload, tmp_path):
+    """Issue 13: Ctrl-C in train said "rerun to resume" while nothing resumed. The line now says what is true
+    for the stage, and the MLP continues from its per-epoch checkpoint."""
+    cache = Path(shutil.copytree(workload.reference, tmp_path / "cache"))
+    args = [*_args(workload.data), "-o", "head.epochs=400", "-o", "head.patience=400", "-o", "head.hidden=256"]
+    log = tmp_path / "log"
+    proc = start("train", *args, cache=cache, log=log)
+    checkpoints = lambda: list((cache / "train").glob(".tmp-*/mlp-checkpoint.pt"))  # noqa: E731
+    wait_until(proc, lambda: bool(checkpoints()))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = log.read_text()
+    assert nonempty_lines(err)[-1].startswith("Interrupted during train; rerun the same command: an MLP head "
+                                              "resumes after its last finished epoch"), err
+    assert checkpoints(), "the checkpoint must survive the interruption"
+    rerun = start("train", *args, cache=cache, log=tmp_path / "rerun")
+    wait_until(rerun, lambda: "mlp: resuming after epoch" in (tmp_path / "rerun").read_text())
+    rerun.kill()
+    rerun.wait()
+
+
 def test_two_runs_of_one_key_and_gc_during_the_write(workload, tmp_path):
     cache = copy_base(workload, tmp_path)
     first = start("encode", *_args(workload.data), cache=cache, log=tmp_path / "first")

@@ -353,3 +353,34 @@ def test_grid_edge_note():
 
     assert grid_edge_note("head.grid.C", [0.1, 1, 10], 1) is None and grid_edge_note("x", [3], 3) is None
     assert "smallest" in grid_edge_note("head.grid.C", [10, 0.1, 1], 0.1)
+
+
+@pytest.mark.parametrize("stop_after", [1, 4])
+def test_mlp_interrupted_then_resumed_ends_with_the_same_weights(tmp_path, monkeypatch, stop_after):
+    """Issue 13: Ctrl-C during `train` lost the MLP's epochs. It checkpoints every epoch; a fit that finds the
+    checkpoint resumes and ends bit-identical to an uninterrupted fit."""
+    X, y = blobs(600, d=12, k=3, sep=1.0, seed=21)
+    Xv, yv = blobs(150, d=12, k=3, sep=1.0, seed=22)
+    kw = dict(hidden=16, epochs=6, batch=64, lr=1e-2, dropout=0.3, device="cpu", precision="fp32", seed=3,
+              patience=10)
+    whole = MLPHead(**kw).fit(X, y, Xv, yv)
+    ckpt = tmp_path / "mlp.pt"
+    evaluate, calls = MLPHead._evaluate, []
+
+    def interrupt(*args):
+        calls.append(1)
+        if len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+    monkeypatch.setattr(MLPHead, "_evaluate", staticmethod(interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        MLPHead(**kw).fit(X, y, Xv, yv, checkpoint=ckpt)
+    monkeypatch.setattr(MLPHead, "_evaluate", staticmethod(evaluate))
+    assert ckpt.is_file()
+    resumed = MLPHead(**kw).fit(X, y, Xv, yv, checkpoint=ckpt)
+    for a, b in zip(whole.model_.state_dict().values(), resumed.model_.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.history_[0]["train_loss"] == whole.history_[0]["train_loss"]
+    assert [r["val_acc"] for r in resumed.history_] == [r["val_acc"] for r in whole.history_]
+    other = MLPHead(**{**kw, "lr": 2e-2}).fit(X, y, Xv, yv, checkpoint=ckpt)  # another fit ignores it
+    assert len(other.history_) == 6

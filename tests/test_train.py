@@ -38,10 +38,10 @@ def rows(X):
 def spy(monkeypatch, cls, calls):
     fit, predict = cls.fit, cls.predict
 
-    def spy_fit(self, X, y, X_val=None, y_val=None):
+    def spy_fit(self, X, y, X_val=None, y_val=None, **kwargs):
         calls.append(("fit", rows(X) | (rows(X_val) if X_val is not None else set())))
         calls.append(("fit_rows", rows(X)))
-        return fit(self, X, y, X_val, y_val)
+        return fit(self, X, y, X_val, y_val, **kwargs)
 
     def spy_predict(self, X):
         calls.append(("predict", rows(X)))

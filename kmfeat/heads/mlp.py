@@ -64,6 +64,34 @@ def native_bf16(dev: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
+CHECKPOINT_FORMAT = "kmfeat.MLPHead.checkpoint/1"
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """torch.save to a temp file, fsynced, then renamed over `path`: a kill leaves the previous epoch's."""
+    path = os.fspath(path)
+    part = path + ".part"
+    with open(part, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def load_checkpoint(path, identity: dict) -> dict | None:
+    """The checkpoint at `path` if it was written by a fit with this identity, else None (a missing, damaged or
+    foreign file is ignored: the fit starts over)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception:
+        return None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != identity:
+        return None
+    return saved
+
+
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
     try:
@@ -208,9 +236,12 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         except (RuntimeError, TypeError, ValueError):
             return cls(params, lr=self.lr, weight_decay=self.weight_decay, **extra)
 
-    def fit(self, X, y, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None, checkpoint=None):
         """Trains on (X, y); picks the best epoch by validation accuracy (early stopping with `patience`) and restores
         those weights. No validation set -> trains all epochs and keeps the last. The model never sees the test set.
+        checkpoint: a file path; the state after every epoch is saved there (weights, optimizer, both random
+        generators, history, best weights), and a fit that finds one made by the same fit resumes after its last
+        epoch, ending with the same weights as an uninterrupted fit.
         learned: standardizer_, model_ (torch nn.Module, eval mode, on CPU), classes_, history_ (list of per-epoch dicts
         {epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds}), best_epoch_, n_epochs_run_."""
         self._check_params()
@@ -238,7 +269,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             torch.manual_seed(self.seed)
             model = build_mlp(X.shape[1], self.hidden, len(self.classes_), self.dropout, self.input_dropout).to(dev)
             with full_fp32(dev):  # float32 parts (all of them in fp32 precision) without TF32
-                self._train(model, Xt, X, yt, Xv if has_val else None, yv if has_val else None, dev, dtype)
+                self._train(model, Xt, X, yt, Xv if has_val else None, yv if has_val else None, dev, dtype,
+                            checkpoint)
         return self
 
     def _placement(self, shape, dtype, dev: torch.device) -> torch.device | None:
@@ -292,12 +324,18 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                 yield block[a:a + self.batch], perm[start + a:start + a + self.batch]
             del block
 
-    def _train(self, model, Xt, X, yt, Xv, yv, dev, dtype) -> None:
+    def _train(self, model, Xt, X, yt, Xv, yv, dev, dtype, checkpoint=None) -> None:
         """The epochs: mini-batches from the in-memory matrix Xt or, when Xt is None, streamed from X."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmfeat-mlp-read") as pool:
-            self._epochs(model, Xt, X, yt, Xv, yv, dev, dtype, pool)
+            self._epochs(model, Xt, X, yt, Xv, yv, dev, dtype, pool, checkpoint)
 
-    def _epochs(self, model, Xt, X, yt, Xv, yv, dev, dtype, pool) -> None:
+    def _fit_identity(self, X, dev) -> dict:
+        """What a checkpoint must match to be resumed: this fit's params, data shape, classes and device."""
+        return {"params": {k: v for k, v in self.get_params().items() if k != "ram_budget"},
+                "shape": list(X.shape), "classes": self.classes_.tolist(), "device": dev.type,
+                "precision": self.precision_, "streamed": self.streamed_}
+
+    def _epochs(self, model, Xt, X, yt, Xv, yv, dev, dtype, pool, checkpoint=None) -> None:
         opt = self._make_optimizer(model.parameters())
         loss_fn = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
         home = Xt.device if Xt is not None else torch.device("cpu")
@@ -306,7 +344,19 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         buf = None if Xt is None else torch.empty((min(self.batch, n), Xt.shape[1]), dtype=dtype, device=home)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision_ == "bf16")
         self.history_, best_acc, best_state, self.best_epoch_ = [], -1.0, None, None
-        epochs = bar(range(self.epochs), desc="mlp", unit="epoch")
+        identity, start = self._fit_identity(X, dev), 0
+        saved = load_checkpoint(checkpoint, identity)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["shuffle_rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            if dev.type == "cuda" and saved.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(saved["cuda_rng"], dev)
+            self.history_, best_acc, best_state = saved["history"], saved["best_acc"], saved["best_state"]
+            self.best_epoch_, start = saved["best_epoch"], len(saved["history"])
+            say(f"mlp: resuming after epoch {start} of {self.epochs} (checkpoint {checkpoint})")
+        epochs = bar(range(start, self.epochs), desc="mlp", unit="epoch", initial=start, total=self.epochs)
         for epoch in epochs:
             t0 = time.perf_counter()
             lr = self.lr * lr_factor(self.schedule, epoch, self.epochs)
@@ -338,7 +388,15 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             self.history_.append(row)
             epochs.set_postfix({k: round(row[k], 4) for k in ("train_loss", "train_acc", "val_acc")
                                 if row[k] is not None})
-            if Xv is not None and self.patience is not None and epoch + 1 - self.best_epoch_ >= self.patience:
+            stop = Xv is not None and self.patience is not None and epoch + 1 - self.best_epoch_ >= self.patience
+            if checkpoint is not None and not stop and epoch + 1 < self.epochs:
+                save_checkpoint(checkpoint, {
+                    "identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "shuffle_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                    "history": self.history_, "best_acc": best_acc, "best_state": best_state,
+                    "best_epoch": self.best_epoch_})
+            if stop:
                 break
         self.n_epochs_run_ = len(self.history_)
         if best_state is None:

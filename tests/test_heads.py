@@ -217,7 +217,8 @@ def test_mlp_early_stopping_restores_best_epoch():
     # restored weights are the best epoch's: re-evaluating on val gives its recorded accuracy
     assert np.mean(head.predict(Xv) == yv) == pytest.approx(val.max())
     assert "X_test" not in MLPHead.fit.__code__.co_varnames[: MLPHead.fit.__code__.co_argcount]
-    assert MLPHead.fit.__code__.co_varnames[: MLPHead.fit.__code__.co_argcount] == ("self", "X", "y", "X_val", "y_val")
+    assert MLPHead.fit.__code__.co_varnames[: MLPHead.fit.__code__.co_argcount] == ("self", "X", "y", "X_val", "y_val",
+                                                                                    "checkpoint")
 
 
 def test_mlp_without_validation_runs_all_epochs_and_schedules():

@@ -70,3 +70,35 @@ def test_kmfeat_lines_run(line, tiny, tmp_path):
 def test_make_lines_name_real_targets(line):
     proc = subprocess.run(["make", "-n", *shlex.split(line)[1:]], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, f"{line}\n{proc.stderr}"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_the_featurizer_snippet_runs_without_a_convergence_warning():
+    """Issue 13: the README's scikit-learn snippet warned (unscaled features); it now has a StandardScaler."""
+    import warnings
+
+    import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
+
+    (snippet,) = [b for b in python_blocks() if "CoatesFeaturizer(" in b]
+    rng = np.random.default_rng(0)
+    labels = np.arange(120) % 3
+    images = rng.integers(0, 60, (120, 32, 32, 3))
+    images[np.arange(120), :, :, labels] += 150
+    scope = {"images": images.astype(np.uint8), "labels": labels}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        exec(snippet, scope)
+    assert scope["model"].score(scope["images"], labels) > 0.9
+
+
+def test_the_readme_documents_what_a_new_user_asked_for():
+    """Issue 13 item 12: make test-all and clean-cache, memory per stage, KMFEAT_PROGRESS, the machine of each
+    result table."""
+    text = (ROOT / "README.md").read_text()
+    for needed in ("make test-all", "make clean-cache", "KMFEAT_PROGRESS", "Peak memory of each stage",
+                   "KMFEAT_MEMORY_AVAILABLE", "2-core AMD EPYC (Zen 4)", "make evaluate", "make export"):
+        assert needed in text, needed

@@ -55,7 +55,7 @@ class Context:
 
 INTERRUPTED = {
     "encode": "Interrupted; rerun the same command to resume.",
-    "train": "Interrupted during train; rerun the same command: an MLP head resumes after its last finished epoch, "
+    "train": "Interrupted during train; rerun the same command: an MLP head resumes after its last checkpointed epoch, "
              "other heads start over (the features and earlier stages are kept).",
     None: "Interrupted during {stage}; rerun the same command: finished stages are kept, {stage} starts over.",
 }

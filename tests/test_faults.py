@@ -281,7 +281,7 @@ def test_ctrl_c_during_train_says_what_is_kept_and_the_mlp_resumes(workload, tmp
     assert proc.wait(timeout=60) == 130
     err = log.read_text()
     assert nonempty_lines(err)[-1].startswith("Interrupted during train; rerun the same command: an MLP head "
-                                              "resumes after its last finished epoch"), err
+                                              "resumes after its last checkpointed epoch"), err
     assert checkpoints(), "the checkpoint must survive the interruption"
     rerun = start("train", *args, cache=cache, log=tmp_path / "rerun")
     wait_until(rerun, lambda: "mlp: resuming after epoch" in (tmp_path / "rerun").read_text())

@@ -65,6 +65,9 @@ def native_bf16(dev: torch.device) -> bool:
 
 
 CHECKPOINT_FORMAT = "kmfeat.MLPHead.checkpoint/1"
+CHECKPOINT_COST_RATIO = 50
+"""A checkpoint is written once this many times its own writing time has passed since the previous one: at most
+2% of the training time goes to checkpoints (the default head's state is ~160 MB, fsynced)."""
 
 
 def save_checkpoint(path, state: dict) -> None:
@@ -239,9 +242,10 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, X_val=None, y_val=None, checkpoint=None):
         """Trains on (X, y); picks the best epoch by validation accuracy (early stopping with `patience`) and restores
         those weights. No validation set -> trains all epochs and keeps the last. The model never sees the test set.
-        checkpoint: a file path; the state after every epoch is saved there (weights, optimizer, both random
-        generators, history, best weights), and a fit that finds one made by the same fit resumes after its last
-        epoch, ending with the same weights as an uninterrupted fit.
+        checkpoint: a file path; the state at the end of an epoch is saved there (weights, optimizer, both random
+        generators, history, best weights) after the first epoch and then as often as costs at most 2% of the
+        time (CHECKPOINT_COST_RATIO), and a fit that finds one made by the same fit resumes after that epoch,
+        ending with the same weights as an uninterrupted fit.
         learned: standardizer_, model_ (torch nn.Module, eval mode, on CPU), classes_, history_ (list of per-epoch dicts
         {epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds}), best_epoch_, n_epochs_run_."""
         self._check_params()
@@ -357,6 +361,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             self.best_epoch_, start = saved["best_epoch"], len(saved["history"])
             say(f"mlp: resuming after epoch {start} of {self.epochs} (checkpoint {checkpoint})")
         epochs = bar(range(start, self.epochs), desc="mlp", unit="epoch", initial=start, total=self.epochs)
+        saved_at, save_seconds = time.perf_counter(), 0.0  # the first checkpoint comes after the first epoch
         for epoch in epochs:
             t0 = time.perf_counter()
             lr = self.lr * lr_factor(self.schedule, epoch, self.epochs)
@@ -389,13 +394,16 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             epochs.set_postfix({k: round(row[k], 4) for k in ("train_loss", "train_acc", "val_acc")
                                 if row[k] is not None})
             stop = Xv is not None and self.patience is not None and epoch + 1 - self.best_epoch_ >= self.patience
-            if checkpoint is not None and not stop and epoch + 1 < self.epochs:
+            due = time.perf_counter() - saved_at >= CHECKPOINT_COST_RATIO * save_seconds
+            if checkpoint is not None and not stop and epoch + 1 < self.epochs and due:
+                saved_at = time.perf_counter()
                 save_checkpoint(checkpoint, {
                     "identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "shuffle_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                     "history": self.history_, "best_acc": best_acc, "best_state": best_state,
                     "best_epoch": self.best_epoch_})
+                save_seconds = time.perf_counter() - saved_at
             if stop:
                 break
         self.n_epochs_run_ = len(self.history_)

@@ -385,18 +385,14 @@ class Encoder:
         e = self.code_(zb).view(zz.shape[0], zz.shape[1], -1)
         soft_split = self.kind == "soft" and self.split
         if geom["compiled"] and self.compile_:
-            fn = _triangle_cells if self.kind == "triangle" else _soft_split_cells if soft_split else _soft_cells
+            fn, args = ((_triangle_cells, (e, zz)) if self.kind == "triangle" else
+                        (_soft_split_cells, (e, 2.0 * self.alpha)) if soft_split else (_soft_cells, (e,)))
             fresh, t0 = (fn, self.device_) not in _compiled, time.perf_counter()
             if fresh:
                 say("encode: compiling the fused encoder kernel, once per process (about 10-30 s the first time, "
                     "a few s from the inductor cache) ...")
             try:
-                if self.kind == "triangle":
-                    cells = _compiled_fn(_triangle_cells, self.device_)(e, zz, cuts, reduce)
-                elif soft_split:
-                    cells = _compiled_fn(_soft_split_cells, self.device_)(e, 2.0 * self.alpha, cuts, reduce)
-                else:
-                    cells = _compiled_fn(_soft_cells, self.device_)(e, cuts, reduce)
+                cells = _compiled_fn(fn, self.device_)(*args, cuts, reduce)
                 self.compiled_once_ = True
                 if fresh:
                     say(f"encode: compiled in {time.perf_counter() - t0:.1f} s")

@@ -34,8 +34,9 @@ def human_bytes(n: float) -> str:
     return f"{n:,.1f} YB"
 
 
-def parse_size(text: str) -> int:
-    """'64G', '512M', '1.5T', '100000' -> bytes (K, M, G, T, P are powers of 1024)."""
+def parse_size(text: str, name: str = ENV, examples: str = "64G, 512M or 100000") -> int:
+    """'64G', '512M', '1.5T', '100000' -> bytes (K, M, G, T, P are powers of 1024); a KmfeatError naming the
+    setting `name` for anything else."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     number, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
     try:
@@ -43,7 +44,7 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = -1.0
     if not (math.isfinite(value) and value >= 0):
-        raise KmfeatError(f"{ENV}: got {text!r}, expected a size in bytes such as 64G, 512M or 100000")
+        raise KmfeatError(f"{name}: got {text!r}, expected a size in bytes such as {examples}")
     return int(value)
 
 
@@ -66,8 +67,8 @@ def _stat_value(path: Path, key: str) -> int:
     return 0
 
 
-def _meminfo(path: Path = Path("/proc/meminfo")) -> int | None:
-    """MemAvailable + SwapFree in bytes, None where /proc/meminfo is missing or has no MemAvailable."""
+def _meminfo_values(path: Path) -> dict[str, int]:
+    """MemAvailable and SwapFree of /proc/meminfo in bytes (those present; {} where it cannot be read)."""
     values = {}
     try:
         for line in path.read_text().splitlines():
@@ -75,7 +76,18 @@ def _meminfo(path: Path = Path("/proc/meminfo")) -> int | None:
             if name in ("MemAvailable", "SwapFree"):
                 values[name] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
+        return {}
+    return values
+
+
+def ram_available(path: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable in bytes (RAM only, for budgets that must not spill into swap); None where unknown."""
+    return _meminfo_values(path).get("MemAvailable")
+
+
+def _meminfo(path: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable + SwapFree in bytes, None where /proc/meminfo is missing or has no MemAvailable."""
+    values = _meminfo_values(path)
     if "MemAvailable" not in values:
         return None
     return values["MemAvailable"] + values.get("SwapFree", 0)

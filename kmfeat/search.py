@@ -158,7 +158,7 @@ def search_rows(features: Entry, h: HeadConfig, subset: int = 0, seed: int = 0):
     mirrors when flips were encoded (averaged with them: head.mirrors = "mean"). Test rows are never read."""
     from .data.subset import balanced_subset
     from .heads.common import validation_split
-    from .train import split_features, training_rows
+    from .train import split_features, training_rows, validation_rows
 
     if h.val == 0:
         raise KmfeatError("head.val = 0: a search scores every trial on the validation split held out of train; "
@@ -176,9 +176,7 @@ def search_rows(features: Entry, h: HeadConfig, subset: int = 0, seed: int = 0):
     picked = fit_idx[balanced_subset(y[fit_idx], subset, seed, what="--subset")]
     mean = h.mirrors == "mean"
     X_fit, y_fit = training_rows(features, picked, mean)
-    X_val = training_rows(features, val_idx, True)[0].materialize() if mean else \
-        np.asarray(features.array("train")[val_idx])
-    return X_fit, y_fit, X_val, y[val_idx]
+    return X_fit, y_fit, validation_rows(features, val_idx, mean), y[val_idx]
 
 
 def _fixed_head(h: HeadConfig, space: dict[str, Param]) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 from .cache import (Entry, Store, Writer, _fsync_dir, _fsync_file, disk_full_error, free_bytes, is_disk_full,
                     make_key, release_pages)
 from .config import PipelineConfig
+from .memory import human_bytes
 from .errors import KmfeatError
 from .progress import bar, say
 
@@ -376,14 +377,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 class Runner:
     """Resolves a stage and its dependencies for one pipeline: cached entries are reused,
     missing ones computed under a per-key lock and committed atomically. The first `run`
@@ -484,5 +477,5 @@ class Runner:
                 exc.kmfeat_hint = INTERRUPTED.get(stage.name, INTERRUPTED[None]).format(stage=stage.name)
             raise
         self.log(f"{stage.name}: {summary}; {time.time() - start:.1f} s, "
-                 f"{_human_bytes(entry.size_bytes())} -> {entry.path}")
+                 f"{human_bytes(entry.size_bytes())} -> {entry.path}")
         return entry

@@ -85,14 +85,20 @@ def split_features(features: Entry, n_val: int, seed: int, mean: bool = False):
     dtype (float32 mirror means with `mean`)."""
     from .heads.common import validation_split
 
-    X, y = features.array("train"), np.asarray(features.array("train_y"))
+    y = np.asarray(features.array("train_y"))
     fit_idx, val_idx = validation_split(y, n_val, seed)
     X_fit, y_fit = training_rows(features, fit_idx, mean)
-    X_val, y_val = None, None
-    if len(val_idx):
-        view = training_rows(features, val_idx, True)[0] if mean else Rows([(X, val_idx)], X.dtype)
-        X_val, y_val = view.materialize(), y[val_idx]
+    X_val, y_val = (validation_rows(features, val_idx, mean), y[val_idx]) if len(val_idx) else (None, None)
     return X_fit, y_fit, X_val, y_val, fit_idx
+
+
+def validation_rows(features: Entry, val_idx: np.ndarray, mean: bool = False) -> np.ndarray:
+    """The features of validation images `val_idx` in RAM: unflipped in the features' dtype, or with `mean`
+    the float32 averages with their mirrors (what a head fit on mirror means predicts from)."""
+    if mean:
+        return training_rows(features, val_idx, True)[0].materialize()
+    X = features.array("train")
+    return Rows([(X, val_idx)], X.dtype).materialize()
 
 
 def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:

@@ -14,6 +14,8 @@ from torch import nn
 from kmfeat.errors import KmfeatError
 from kmfeat.heads.common import (Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
                                  standardizer_from_state, standardizer_state)
+from kmfeat.memory import parse_size
+from kmfeat.memory import ram_available as available_memory  # RAM only: the budget must not count swap
 from kmfeat.precision import full_fp32, native_cuda_bf16
 from kmfeat.progress import bar, say
 from kmfeat.rows import as_rows
@@ -95,32 +97,6 @@ def load_checkpoint(path, identity: dict) -> dict | None:
     return saved
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def parse_size(text: str) -> float:
-    """'2G', '512M', '100000' -> bytes (K, M, G, T are powers of 1024); KmfeatError for anything else."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(number) * units[unit]
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0):
-        raise KmfeatError(f"{RAM_BUDGET_ENV}: expected a size in bytes such as 4G, 512M or 0, got {text!r}")
-    return value
-
-
 def ram_budget(explicit) -> float:
     """The RAM the in-memory training matrix may take: `explicit` when given, else $KMFEAT_MLP_RAM_BUDGET,
     else RAM_SHARE of MemAvailable, at most RAM_CAP."""
@@ -128,7 +104,7 @@ def ram_budget(explicit) -> float:
         return float(explicit)
     env = os.environ.get(RAM_BUDGET_ENV)
     if env is not None and env.strip():
-        return parse_size(env)
+        return float(parse_size(env, RAM_BUDGET_ENV, "4G, 512M or 0"))
     available = available_memory()
     return RAM_CAP if available is None else min(RAM_SHARE * available, RAM_CAP)
 

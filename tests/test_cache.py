@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from kmfeat import config, stages
 from kmfeat.cache import Store, make_key
@@ -45,8 +46,9 @@ def test_changed_param_changes_that_stage_and_dependants_only(tmp_path, override
         assert (base[name] != changed[name]) == downstream, name
 
 
-def test_device_and_batch_do_not_change_keys(tmp_path):
-    assert keys_for(tmp_path, []) == keys_for(tmp_path, ["encode.batch=7", "encode.device=cpu"])
+def test_batch_does_not_change_keys_and_auto_is_keyed_as_the_device_it_resolves_to(tmp_path):
+    resolved = "cuda" if torch.cuda.is_available() else "cpu"
+    assert keys_for(tmp_path, []) == keys_for(tmp_path, ["encode.batch=7", f"encode.device={resolved}"])
 
 
 def test_sklearn_head_key_ignores_mlp_params(tmp_path):

@@ -128,11 +128,11 @@ def wait_until(proc, condition, timeout=120.0):
         time.sleep(0.001)
 
 
-def assert_same_as_reference(workload, cache, reference=None):
+def assert_same_as_reference(workload, cache, reference=None, key=None):
     """The encode entry in `cache` equals the uninterrupted run's byte for byte."""
-    entry = Store(cache).get("encode", workload.key)
+    entry = Store(cache).get("encode", key or workload.key)
     assert entry is not None
-    ref = Store(reference or workload.reference).get("encode", workload.key)
+    ref = Store(reference or workload.reference).get("encode", key or workload.key)
     for name in ["train", "test", "train_y", "test_y"]:
         got = (entry.path / f"{name}.npy").read_bytes()
         assert got == (ref.path / f"{name}.npy").read_bytes(), f"{name}.npy differs from the uninterrupted run"
@@ -194,11 +194,17 @@ AUTO_COMPILE = ("import sys; import kmfeat.encode as e; e.COMPILE_MIN_WORK = flo
                 "from kmfeat.cli import main; main(sys.argv[2:])")
 
 
+AUTO_DEVICE = "encode.device=cpu"
+"""The auto compile policy compiles on the CPU only (CUDA runs eager), so the auto tests pin the CPU."""
+
+
 def start_auto(cache, workload, threshold, log):
-    """`kmfeat encode` under the default compile policy (KMFEAT_COMPILE unset) with COMPILE_MIN_WORK lowered."""
+    """`kmfeat encode` on the CPU under the default compile policy (KMFEAT_COMPILE unset) with COMPILE_MIN_WORK
+    lowered."""
     env = {k: v for k, v in _env(cache).items() if k != "KMFEAT_COMPILE"}
+    args = [*_args(workload.data), "-o", AUTO_DEVICE]
     with open(log, "w") as err:
-        return subprocess.Popen([sys.executable, "-c", AUTO_COMPILE, str(threshold), "encode", *_args(workload.data)],
+        return subprocess.Popen([sys.executable, "-c", AUTO_COMPILE, str(threshold), "encode", *args],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
@@ -208,20 +214,21 @@ def test_kill9_after_the_auto_policy_compiled_then_rerun_is_bit_identical(worklo
     taken once from the stage's planned work and recorded in the checkpoint."""
     per_shard = SHARD * 11 * 11 * 64  # 16x16 images, rf 6: 11 x 11 positions, k = 64
     threshold = 3.5 * per_shard  # the old per-process counter switched after 3 shards
+    key = Runner(config.load(None, OVERRIDES + [AUTO_DEVICE], str(workload.data)), Store(tmp_path)).key("encode")
     reference = Path(shutil.copytree(workload.base, tmp_path / "reference"))
     first = start_auto(reference, workload, threshold, tmp_path / "ref.log")
     assert first.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
     cache = copy_base(workload, tmp_path)
     proc = start_auto(cache, workload, threshold, tmp_path / "log")
-    wait_until(proc, lambda: done_shards(cache, workload.key) >= 6, timeout=300)
+    wait_until(proc, lambda: done_shards(cache, key) >= 6, timeout=300)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
-    saved = json.loads((cache / "encode" / f".tmp-{workload.key}" / "progress-train.json").read_text())
+    saved = json.loads((cache / "encode" / f".tmp-{key}" / "progress-train.json").read_text())
     assert saved["settings"]["compiled"] is True and len(saved["done"]) >= 6
     rerun = start_auto(cache, workload, threshold, tmp_path / "rerun.log")
     assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()
     assert "encode: resuming, " in (tmp_path / "rerun.log").read_text()
-    assert_same_as_reference(workload, cache, reference)
+    assert_same_as_reference(workload, cache, reference, key)
 
 
 @pytest.mark.slow
@@ -230,7 +237,7 @@ def test_kill9_after_the_auto_switch_on_the_real_copy_then_rerun_is_bit_identica
     """The same on real CIFAR-10 with the shipped threshold: 11,000 images at k = 1,600 pass COMPILE_MIN_WORK
     after about 8,500 images, where the old per-process switch happened; the kill comes after that point."""
     args = ["encode", "-p", "pipelines/quick.toml", "--data", str(REAL_CIFAR), "-o", "data.limit_train=10000",
-            "-o", "kmeans.k=1600", "-o", "patches.n=100000", "-o", "kmeans.iters=5"]
+            "-o", "kmeans.k=1600", "-o", "patches.n=100000", "-o", "kmeans.iters=5", "-o", AUTO_DEVICE]
     env = {k: v for k, v in _env(tmp_path / "base", KMFEAT_SHARD="500").items() if k != "KMFEAT_COMPILE"}
 
     def run(cache, wait=True):

@@ -106,7 +106,7 @@ def test_refit_is_refused_for_the_mlp():
 
 
 @pytest.mark.parametrize("kind,extra", [
-    ("mlp", ["head.epochs=15", "head.hidden=16", "head.lr=0.01"]),
+    ("mlp", ["head.epochs=15", "head.hidden=16", "head.lr=0.01", "head.device=cpu"]),  # a GPU would hold it all
     ("svm", ["head.grid={C=[0.001, 0.1]}"]),
     ("sklearn", ["head.estimator=LogisticRegression"]),
 ])

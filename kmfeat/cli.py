@@ -28,19 +28,35 @@ def _pipeline_options(func):
     func = click.option("--force", is_flag=True, help="Recompute this stage even if cached.")(func)
     func = click.option("-o", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                         help="Override a config value, e.g. -o kmeans.k=4000 (repeatable).")(func)
+    func = click.option("--unlabeled", metavar="PATH", expose_value=False, callback=_keep_unlabeled,
+                        help="Extra unlabeled images for the dictionary: an image folder or archive (its train/ "
+                             "and unlabeled/ images, or all), a CIFAR or STL-10 release (= -o data.unlabeled=PATH)."
+                        )(func)
     func = click.option("--data", "data", metavar="PATH",
-                        help="Dataset: CIFAR release (.tar.gz or folder) or image folder (dir, .tar, .tar.gz).")(func)
+                        help="Dataset: CIFAR or STL-10 release (.tar.gz or folder) or image folder (dir, .tar, "
+                             ".tar.gz; an unlabeled/ folder in it holds unlabeled images).")(func)
     func = click.option("-p", "--pipeline", "pipeline", metavar="TOML",
                         help="Pipeline config (pipelines/*.toml); default: built-in Coates defaults.")(func)
     return func
 
 
-def _runner(ctx: click.Context, pipeline, data, overrides, force_stage=None):
+def _keep_unlabeled(ctx: click.Context, _param, value):
+    if value:
+        ctx.meta["kmfeat.unlabeled"] = value
+
+
+def _config(pipeline, overrides, data):
+    """The pipeline config of a command: the TOML, -o overrides, --data and --unlabeled."""
     from . import config
+
+    return config.load(pipeline, overrides, data, click.get_current_context().meta.get("kmfeat.unlabeled"))
+
+
+def _runner(ctx: click.Context, pipeline, data, overrides, force_stage=None):
     from .cache import Store
     from .stages import Runner
 
-    cfg = config.load(pipeline, overrides, data)
+    cfg = _config(pipeline, overrides, data)
     force = frozenset([force_stage]) if force_stage else frozenset()
     return Runner(cfg, Store(ctx.obj["cache_dir"]), force=force, quiet=ctx.obj["quiet"])
 
@@ -116,7 +132,7 @@ def search(ctx, pipeline, data, overrides, force, trials, timeout, subset, seed)
     from .cache import Store
     from .search import run_search
 
-    result = run_search(config.load(pipeline, overrides, data), Store(ctx.obj["cache_dir"]), trials=trials,
+    result = run_search(_config(pipeline, overrides, data), Store(ctx.obj["cache_dir"]), trials=trials,
                         timeout=timeout, subset=subset, seed=seed, force=force, quiet=ctx.obj["quiet"])
     click.echo(result.summary())
 
@@ -150,7 +166,13 @@ def evaluate(ctx, pipeline, data, overrides, force):
     entry = runner.cached("train")
     if entry is None:
         raise not_cached(pipeline, overrides, data, runner.store, "train", "run `kmfeat train` with the same options")
-    click.echo(_metrics_table(json.loads(entry.file("metrics.json").read_text())))
+    metrics = json.loads(entry.file("metrics.json").read_text())
+    if "fold_test_accuracy" in metrics:
+        from .folds import folds_table
+
+        click.echo(folds_table(metrics))
+    else:
+        click.echo(_metrics_table(metrics))
     click.echo(f"files: {entry.path}")
 
 

@@ -21,8 +21,9 @@ from .errors import KmfeatError
 @dataclass
 class DataConfig:
     """Where the images come from (`--data` sets `path`)."""
-    source: Literal["cifar10", "cifar100", "imagefolder", "auto"] = "cifar10"
+    source: Literal["cifar10", "cifar100", "stl10", "imagefolder", "auto"] = "cifar10"
     path: str = ""
+    unlabeled: str = ""  # an extra folder, archive or release whose images join the unlabeled split (--unlabeled)
     resize: list[int] = field(default_factory=list)
     limit_train: int = 0
     limit_test: int = 0
@@ -31,7 +32,9 @@ class DataConfig:
 
 @dataclass
 class PatchesConfig:
-    """Random patches for learning the dictionary."""
+    """Random patches for learning the dictionary, from the labeled training images, the unlabeled
+    ones, or both (auto: unlabeled when the dataset has an unlabeled split, else train)."""
+    source: Literal["auto", "train", "unlabeled", "all"] = "auto"
     rf: int = 6
     n: int = 400_000
     norm_eps: float = 10.0
@@ -85,6 +88,7 @@ class HeadConfig:
     val: int | float = 0.1  # validation images held out of train: a count, or a fraction (0.1: 5,000 of CIFAR-10)
     power: float = 1.0
     tta: bool = False
+    folds: Literal["none", "stl10"] = "none"  # stl10: one head per predefined fold, mean ± std (STL-10 protocol)
     mirrors: Literal["rows", "mean"] = "rows"
     refit: bool = False
     seed: int = 0
@@ -228,8 +232,9 @@ def from_dict(raw: dict, name: str = "pipeline") -> PipelineConfig:
     return PipelineConfig(name=str(name), **sections)
 
 
-def load(path: str | Path | None, overrides=(), data: str | None = None) -> PipelineConfig:
-    """Read a pipeline TOML (None: all defaults), apply `-o` overrides and `--data`."""
+def load(path: str | Path | None, overrides=(), data: str | None = None, unlabeled: str | None = None
+         ) -> PipelineConfig:
+    """Read a pipeline TOML (None: all defaults), apply `-o` overrides, `--data` and `--unlabeled`."""
     raw: dict = {}
     name = "defaults"
     if path is not None:
@@ -251,6 +256,8 @@ def load(path: str | Path | None, overrides=(), data: str | None = None) -> Pipe
     raw = _merge(raw, extra)
     if data:
         raw = _merge(raw, {"data": {"path": str(data)}})
+    if unlabeled:
+        raw = _merge(raw, {"data": {"unlabeled": str(unlabeled)}})
     cfg = from_dict(raw, name)
     validate(cfg)
     return cfg

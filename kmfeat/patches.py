@@ -38,23 +38,50 @@ def sample_positions(n_images: int, H: int, W: int, rf: int, n: int, seed: int =
     return idx, ys, xs
 
 
-def sample_patches(images: np.ndarray, rf: int = 6, n: int = 400_000, seed: int = 0) -> np.ndarray:
+def sample_patches(images, rf: int = 6, n: int = 400_000, seed: int = 0) -> np.ndarray:
     """Random rf x rf patches of images (N, H, W, C) as (n, rf*rf*C) float32, C-order flattened.
 
-    Gathers with fancy indexing in chunks, so no Python loop over patches.
+    `images` may be a list of such arrays of one size (e.g. memory-mapped splits): they are drawn
+    from as if concatenated, without copying them. Gathers with fancy indexing in chunks, so no
+    Python loop over patches.
     """
-    images = _as_nhwc(np.asarray(images))
-    N, H, W, C = images.shape
-    idx, ys, xs = sample_positions(N, H, W, rf, n, seed)
+    parts = [_as_nhwc(np.asarray(a)) for a in (images if isinstance(images, (list, tuple)) else [images])]
+    if len({a.shape[1:] for a in parts}) > 1:
+        raise KmfeatError(f"patches: the image sets differ in size: {', '.join(str(a.shape[1:]) for a in parts)}")
+    starts = np.cumsum([0] + [len(a) for a in parts])
+    _, H, W, C = parts[0].shape
+    idx, ys, xs = sample_positions(int(starts[-1]), H, W, rf, n, seed)
     d = np.arange(rf, dtype=np.int64)
     out = np.empty((n, rf * rf * C), dtype=np.float32)
     for s in range(0, n, _GATHER_CHUNK):
         e = min(s + _GATHER_CHUNK, n)
-        i = idx[s:e, None, None]
         y = ys[s:e, None, None] + d[None, :, None]
         x = xs[s:e, None, None] + d[None, None, :]
-        out[s:e] = images[i, y, x, :].reshape(e - s, -1)
+        part = np.searchsorted(starts, idx[s:e], side="right") - 1
+        for j, images_j in enumerate(parts):
+            rows = np.flatnonzero(part == j)
+            if len(rows):
+                i = (idx[s:e][rows] - starts[j])[:, None, None]
+                out[s + rows] = images_j[i, y[rows], x[rows], :].reshape(len(rows), -1)
     return out
+
+
+SPLITS = {"train": ("train_x",), "unlabeled": ("unlabeled_x", "extra_x"),
+          "all": ("train_x", "unlabeled_x", "extra_x")}
+
+
+def patch_sources(data, source: str = "auto") -> tuple[str, list]:
+    """The resolved `patches.source` and the image arrays of a data entry it names. auto: the unlabeled
+    images when the entry has any, else the labeled training images. Only the named arrays are opened."""
+    has_unlabeled = data.has("unlabeled_x")
+    if source == "auto":
+        source = "unlabeled" if has_unlabeled else "train"
+    if source not in SPLITS:
+        raise KmfeatError(f"patches.source: got {source!r}, expected one of auto, {', '.join(SPLITS)}")
+    if source == "unlabeled" and not has_unlabeled:
+        raise KmfeatError("patches.source = \"unlabeled\": this dataset has no unlabeled images; add a "
+                          "ROOT/unlabeled/ folder, pass --unlabeled PATH, or set patches.source = \"train\"")
+    return source, [data.array(name) for name in SPLITS[source] if data.has(name)]
 
 
 def normalize_patches(patches: np.ndarray, eps: float = 10.0) -> np.ndarray:

@@ -84,45 +84,99 @@ def _data_params(cfg: PipelineConfig) -> dict:
     from .data import fingerprint
 
     d = cfg.data
+    origin, extra = (_fingerprint(fingerprint, p) for p in (d.path, d.unlabeled))
+    params = {"source": d.source, "origin": origin or f"official:{d.source}", "resize": d.resize,
+              "limit_train": d.limit_train, "limit_test": d.limit_test, "seed": d.seed}
+    if d.unlabeled:  # only when set, so the keys of existing caches stay as they were
+        params["unlabeled"] = extra
+    return params
+
+
+def _fingerprint(fingerprint, path: str) -> str:
     try:
-        origin = fingerprint(d.path) if d.path else f"official:{d.source}"
+        return fingerprint(path) if path else ""
     except OSError as exc:
-        raise _unreadable(d.path, exc) from None
-    return {"source": d.source, "origin": origin, "resize": d.resize,
-            "limit_train": d.limit_train, "limit_test": d.limit_test, "seed": d.seed}
+        raise _unreadable(path, exc) from None
+
+
+def _writer_array(out: Writer, arr) -> bool:
+    """Whether `arr` is already the memory-mapped file of `out` (decoded in place): no save needed."""
+    return isinstance(arr, np.memmap) and Path(arr.filename).parent == out.dir
 
 
 def _compute_data(ctx: Context) -> str:
     from .data import load_dataset
+    from .data.unlabeled import load_unlabeled_source
 
-    d = ctx.cfg.data
+    d, out = ctx.cfg.data, ctx.out
+    scratch = lambda name, shape, dtype: np.lib.format.open_memmap(  # noqa: E731
+        out.scratch(f"{name}.scratch.npy"), mode="w+", dtype=dtype, shape=shape)
     try:
-        ds = load_dataset(d.source, d.path or None, resize=tuple(d.resize) or None,
-                          limit_train=d.limit_train, limit_test=d.limit_test, seed=d.seed)
+        ds = load_dataset(d.source, d.path or None, resize=tuple(d.resize) or None, limit_train=d.limit_train,
+                          limit_test=d.limit_test, seed=d.seed, alloc=out.open_array)
+        extra = (load_unlabeled_source(d.unlabeled, tuple(d.resize) or None, out.open_array
+                                       if ds.unlabeled_x is None else _renamed(out.open_array, "extra_x"), scratch)
+                 if d.unlabeled else None)
     except OSError as exc:
         if is_disk_full(exc):
             raise
         raise _unreadable(d.path, exc) from None
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        ctx.out.save(name, getattr(ds, name))
-    ctx.out.meta["classes"] = list(ds.classes)
-    ctx.out.meta["path"] = str(Path(d.path).resolve()) if d.path else ""  # what --data selects this entry
-    return (f"{len(ds.train_x):,} train + {len(ds.test_x):,} test images of "
-            f"{'x'.join(map(str, ds.train_x.shape[1:]))}, {len(ds.classes)} classes")
+    arrays = {"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x, "test_y": ds.test_y}
+    if ds.unlabeled_x is not None:
+        arrays["unlabeled_x"] = ds.unlabeled_x
+    if extra is not None:
+        arrays["unlabeled_x" if ds.unlabeled_x is None else "extra_x"] = extra
+        _same_size(ds.train_x, extra, d.unlabeled)
+    if ds.folds is not None:
+        arrays["folds"] = fold_matrix(ds.folds)
+    for name, arr in arrays.items():
+        if not _writer_array(out, arr):
+            out.save(name, arr)
+    out.meta["classes"] = list(ds.classes)
+    out.meta["path"] = str(Path(d.path).resolve()) if d.path else ""  # what --data selects this entry
+    n_unlabeled = sum(len(arrays[n]) for n in ("unlabeled_x", "extra_x") if n in arrays)
+    return (f"{len(ds.train_x):,} train + {len(ds.test_x):,} test"
+            + (f" + {n_unlabeled:,} unlabeled" if n_unlabeled else "")
+            + f" images of {'x'.join(map(str, ds.train_x.shape[1:]))}, {len(ds.classes)} classes"
+            + (f", {len(ds.folds)} predefined folds" if ds.folds is not None else ""))
+
+
+def _renamed(alloc, name: str):
+    return lambda _name, shape, dtype: alloc(name, shape, dtype)
+
+
+def _same_size(train_x, extra, where: str) -> None:
+    if extra.shape[1:] != train_x.shape[1:]:
+        have, want = ("x".join(map(str, a.shape[1:3])) for a in (extra, train_x))
+        raise KmfeatError(f"data.unlabeled {where}: its images are {have}, the labeled ones {want}; "
+                          f"set data.resize = [H, W] to bring both to one size")
+
+
+def fold_matrix(folds) -> np.ndarray:
+    """Predefined folds as one int64 (n_folds, longest) array of train indices, padded with -1."""
+    width = max(len(f) for f in folds)
+    out = np.full((len(folds), width), -1, dtype=np.int64)
+    for i, f in enumerate(folds):
+        out[i, :len(f)] = f
+    return out
 
 
 def _patches_params(cfg: PipelineConfig) -> dict:
-    return cfg.section("patches")
+    params = cfg.section("patches")
+    if params["source"] == "auto":  # the default: keyed as before (the data key says what auto means)
+        del params["source"]
+    return params
 
 
 def _compute_patches(ctx: Context) -> str:
-    from .patches import normalize_patches, sample_patches
+    from .patches import normalize_patches, patch_sources, sample_patches
 
     p = ctx.cfg.patches
-    images = ctx.inputs["data"].array("train_x")
+    source, images = patch_sources(ctx.inputs["data"], p.source)
     patches = normalize_patches(sample_patches(images, rf=p.rf, n=p.n, seed=p.seed), eps=p.norm_eps)
     ctx.out.save("patches", patches)
-    return f"{patches.shape[0]:,} patches of {patches.shape[1]} values"
+    ctx.out.meta["source"] = source
+    return f"{patches.shape[0]:,} patches of {patches.shape[1]} values from the {source} images"
 
 
 def _whiten_params(cfg: PipelineConfig) -> dict:
@@ -329,6 +383,8 @@ def _compute_encode(ctx: Context) -> str:
         _encode_split(split, encoder)
     ctx.out.save("train_y", data.array("train_y"))
     ctx.out.save("test_y", data.array("test_y"))
+    if data.has("folds"):
+        ctx.out.save("folds", data.array("folds"))
     ctx.out.meta.update(classes=data.meta["classes"], n_features=encoder.n_features,
                         splits=[s[0] for s in splits])
     size = total * encoder.n_features * np.dtype(ctx.cfg.encode.dtype).itemsize
@@ -340,6 +396,8 @@ def _train_params(cfg: PipelineConfig) -> dict:
     to; the ridge and scikit-learn heads run on the CPU whatever head.device says."""
     h = cfg.section("head")
     device = h.pop("device")
+    if h["folds"] == "none":  # the default: keyed as before
+        del h["folds"]
     if h["kind"] in ("mlp", "svm"):
         cuda = device.startswith("cuda") or (device == "auto" and torch_cuda_available())
         h["device"] = "cuda" if cuda else "cpu"
@@ -361,6 +419,12 @@ def torch_cuda_available() -> bool:
 def _compute_train(ctx: Context) -> str:
     from .train import train_head
 
+    if ctx.cfg.head.folds != "none":
+        from .folds import train_folds
+
+        m = train_folds(ctx.cfg.head, ctx.inputs["encode"], ctx.out)
+        return (f"test accuracy {m['test_accuracy_mean']:.4f} ± {m['test_accuracy_std']:.4f} over {m['folds']} "
+                f"folds (val {m['val_accuracy_mean']:.4f})")
     metrics = train_head(ctx.cfg.head, ctx.inputs["encode"], ctx.out)
     return (f"test accuracy {metrics['test']['accuracy']:.4f} (val {metrics['val_accuracy']:.4f}, "
             f"train {metrics['train_accuracy']:.4f})")

@@ -78,15 +78,19 @@ def training_rows(features: Entry, idx: np.ndarray, mean: bool = False):
     return Rows(parts), y
 
 
-def split_features(features: Entry, n_val: int, seed: int, mean: bool = False):
+def split_features(features: Entry, n_val: int, seed: int, mean: bool = False, images: np.ndarray | None = None):
     """(X_fit, y_fit, X_val, y_val, fit_idx) from an encode entry: val held out of the
-    unflipped train images; the fit part adds the mirrors of the fit images. X_fit is a lazy
-    Rows view of the memory-mapped features; X_val (small) is read into RAM in the features'
-    dtype (float32 mirror means with `mean`)."""
+    unflipped train images (of `images` only, e.g. one predefined fold, when given); the fit part
+    adds the mirrors of the fit images. X_fit is a lazy Rows view of the memory-mapped features;
+    X_val (small) is read into RAM in the features' dtype (float32 mirror means with `mean`)."""
     from .heads.common import validation_split
 
     y = np.asarray(features.array("train_y"))
-    fit_idx, val_idx = validation_split(y, n_val, seed)
+    if images is None:
+        fit_idx, val_idx = validation_split(y, n_val, seed)
+    else:
+        fit_pos, val_pos = validation_split(y[images], n_val, seed)
+        fit_idx, val_idx = np.sort(images[fit_pos]), np.sort(images[val_pos])
     X_fit, y_fit = training_rows(features, fit_idx, mean)
     X_val, y_val = (validation_rows(features, val_idx, mean), y[val_idx]) if len(val_idx) else (None, None)
     return X_fit, y_fit, X_val, y_val, fit_idx
@@ -101,8 +105,9 @@ def validation_rows(features: Entry, val_idx: np.ndarray, mean: bool = False) ->
     return Rows([(X, val_idx)], X.dtype).materialize()
 
 
-def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
-    """Fit, select on val, score test once; writes metrics.json, the model and PNGs into `out`."""
+def train_head(h: HeadConfig, features: Entry, out: Writer, images: np.ndarray | None = None) -> dict:
+    """Fit, select on val, score test once; writes metrics.json, the model and PNGs into `out`.
+    `images`: train only on these training images (one predefined fold), val held out of them."""
     from .heads.common import classification_metrics, mirror_predict
     from .plots import plot_confusion, plot_curves
 
@@ -117,7 +122,8 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
         say("train: head.mirrors = \"mean\" but the features have no mirrored train and test images "
             "(encode.flip_train and encode.flip_test); fitting and predicting on single views")
     tta = tta and not mean  # mean: predictions already see each image with its mirror
-    X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed, mean)
+    X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed, mean, images)
+    val_idx = np.setdiff1d(np.arange(len(features.array("train_y"))) if images is None else images, fit_idx)
     head = make_head(h)
     if h.kind == "mlp":  # a checkpoint per epoch in the temp folder: an interrupted train resumes from it
         out.scratch("mlp-checkpoint.pt.part")
@@ -128,13 +134,12 @@ def train_head(h: HeadConfig, features: Entry, out: Writer) -> dict:
     if X_val is not None:
         val_pred = head.predict(X_val)
         if tta:
-            val_idx = np.setdiff1d(np.arange(len(features.array("train_y"))), fit_idx)
             val_pred = mirror_predict(head, X_val, Rows([(features.array("train_flip"), val_idx)]).materialize())
         val_acc = float((val_pred == y_val).mean())
     refit = h.refit and X_val is not None
     if refit:
         del X_fit, y_fit
-        fit_idx = np.arange(len(features.array("train_y")))
+        fit_idx = np.arange(len(features.array("train_y"))) if images is None else np.sort(images)
         X_fit, y_fit = training_rows(features, fit_idx, mean)
         chosen = getattr(head, "best_params_", None) or {}
         selected = head

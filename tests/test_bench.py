@@ -233,3 +233,25 @@ def test_memory_train_reports_peak_rss_of_train_on_a_synthetic_entry(tmp_path, b
     assert 0 <= result["test_accuracy"] <= 1 and "head.epochs=1" in result["overrides"]
     assert "peak RSS " in proc.stdout and "target is for k=8000 with flips" in proc.stdout
     assert not list(tmp_path.glob("bench-memory-train-*")), "temporary cache left behind"
+
+
+def test_data_memory_reports_peak_rss_of_kmfeat_data_per_folder_size(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.data_memory", "--counts", "60,120", "--size", "8",
+                           "--work-dir", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "KMFEAT_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["images"] for r in runs] == [60, 120] and all(r["peak_rss"] > 30e6 and r["wall"] > 0 for r in runs)
+    assert len(list((tmp_path / "folder-120-8").rglob("*.png"))) == 120
+    assert "peak RSS grows" in proc.stdout and not list(tmp_path.glob("cache-*")), "temporary cache left behind"
+
+
+@pytest.mark.slow
+def test_kmfeat_data_peak_rss_does_not_grow_with_the_number_of_images(tmp_path):
+    """Issue 14: 100,000 images within 300 MB of 10,000 (the data stage decodes into memory maps)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.data_memory", "--work-dir", str(tmp_path),
+                           "--out", str(tmp_path / "r.json")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "KMFEAT_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    small, large = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert large["images"] == 100_000 and large["peak_rss"] - small["peak_rss"] <= 300e6

@@ -245,13 +245,19 @@ def test_human_bytes():
         ["0 B", "999 B", "1.0 KB", "43.2 TB", "86.4 YB", "86,400.0 YB"]
 
 
-def test_data_stage_checks_the_memory_of_the_images_it_found(tmp_path):
-    """The config can only assume the smallest dataset (2 images); the data stage checks the real count
-    before allocating: 48 images of 300x300 pass the config check under 1 MiB, then fail in the data stage."""
+def test_in_ram_loading_checks_the_memory_of_the_images_it_found_and_the_data_stage_needs_none(tmp_path,
+                                                                                               monkeypatch):
+    """The config can only assume the smallest dataset (2 images); the in-RAM loader checks the real count
+    before allocating: 48 images of 300x300 pass the config check under 1 MiB, then fail there. The data
+    stage decodes into memory-mapped files instead (issue 14), so it runs under the same budget."""
+    from kmfeat.data import load_dataset
+
     cache, data = tmp_path / "cache", make_image_folder(tmp_path / "imgs")
+    monkeypatch.setenv("KMFEAT_MEMORY_AVAILABLE", "1M")
+    with pytest.raises(KmfeatError, match=r"^data.resize: 48 images .*lower data.resize"):
+        load_dataset("imagefolder", str(data), resize=(300, 300))
     proc = kmfeat_patches(cache, data, "data.resize=[300, 300]", "patches.n=100", "kmeans.k=8",
                           env={"KMFEAT_MEMORY_AVAILABLE": "1M"})
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("Error: data.resize: 48 images") and "lower data.resize" in lines[0]
-    assert Store(cache).entries() == []
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = Store(cache).entries("data")
+    assert entry.array("train_x").shape == (36, 300, 300, 3)

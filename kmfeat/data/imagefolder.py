@@ -1,4 +1,5 @@
-"""Image folders `ROOT/{train,test}/<class>/*` from a directory, a .tar or a .tar.gz.
+"""Image folders `ROOT/{train,test}/<class>/*` (plus an optional `ROOT/unlabeled/`, images at any depth)
+from a directory, a .tar or a .tar.gz.
 
 ROOT is the given folder (or archive top) or its single top-level subfolder; hidden folders
 (".name") are not classes. Any image Pillow reads is accepted and converted to RGB with
@@ -19,8 +20,10 @@ Files Pillow does not recognise are skipped with one warning; an image that is r
 but fails to decode is an error.
 Loading runs in two parallel passes over chunks of files: a cheap header probe (sizes,
 which files are images), then decoding of only the files kept by the optional
-class-balanced limits. Archives are read once, sequentially, into memory in the main
-process (tar.gz cannot be seeked cheaply); workers decode the bytes. Worker processes
+class-balanced limits, straight into the arrays `alloc` gives (memory-mapped files in the data
+stage), a bounded number of chunks in flight, so a folder's images never all sit in RAM. Archives
+are read once, sequentially, into memory in the main process (tar.gz cannot be seeked cheaply);
+workers decode the bytes. Worker processes
 watch their parent and exit as soon as it is gone (a killed run leaves none behind).
 """
 from __future__ import annotations
@@ -39,13 +42,15 @@ import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs
 from PIL import Image, UnidentifiedImageError
 
+from ..cache import release_pages
 from ..errors import KmfeatError
 from ..memory import check_images
 from ..progress import bar, say
-from . import Dataset
+from . import Dataset, allocate
 from .subset import balanced_subset
 
 SPLITS = ("train", "test")
+UNLABELED = "unlabeled"
 CHUNK = 2000        # most files per parallel task (keeps per-task overhead small)
 MIN_CHUNK = 256     # fewest files per task when splitting a small set over workers
 RESAMPLE = Image.Resampling.BICUBIC
@@ -139,16 +144,21 @@ def _no_root(path: Path, tops: list[str]) -> KmfeatError:
                        f"test/<class>/* in it or in its single top-level folder (found {found})")
 
 
-def _list_dir(root: Path) -> tuple[dict[str, str], set[str]]:
-    """Files (absolute paths) and directories under root/train and root/test, relative to root."""
+def _list_dir(root: Path, tops=(*SPLITS, UNLABELED)) -> tuple[dict[str, str], set[str]]:
+    """Files (absolute paths) and directories under root/train, root/test and root/unlabeled (those
+    that exist), relative to root; `tops=("",)` lists everything under root."""
     files: dict[str, str] = {}
     dirs: set[str] = set()
-    for split in SPLITS:
+    for split in tops:
+        if not (root / split).is_dir():
+            continue
         for d, subdirs, names in os.walk(root / split, followlinks=True):
             rel = Path(d).relative_to(root).as_posix()
-            dirs.add(rel)
-            dirs.update(f"{rel}/{s}" for s in subdirs)
-            files.update((f"{rel}/{n}", os.path.join(d, n)) for n in names)
+            pre = "" if rel == "." else f"{rel}/"
+            if pre:
+                dirs.add(rel)
+            dirs.update(f"{pre}{s}" for s in subdirs)
+            files.update((f"{pre}{n}", os.path.join(d, n)) for n in names)
     return files, dirs
 
 
@@ -183,17 +193,21 @@ def _group(files: dict, dirs: set[str], path: Path):
         raise KmfeatError(f"data path {path}: no class folders (expected train/<class>/* and "
                           "test/<class>/*)")
     index = {c: i for i, c in enumerate(classes)}
-    entries: dict[str, list] = {s: [] for s in SPLITS}
+    entries: dict[str, list] = {s: [] for s in (*SPLITS, UNLABELED)}
     loose = 0
     for rel, item in files.items():
         parts = rel.split("/")
+        if parts[0] == UNLABELED:
+            if not any(p.startswith(".") for p in parts[1:-1]):
+                entries[UNLABELED].append((-1, rel, item))
+            continue
         if parts[0] not in entries:
             continue
         if len(parts) < 3:
             loose += 1
         elif parts[1] in index:
             entries[parts[0]].append((index[parts[1]], rel, item))
-    for split in SPLITS:
+    for split in entries:
         entries[split].sort(key=lambda e: (e[0], e[1]))
     return [shown(c) for c in classes], entries, loose
 
@@ -342,12 +356,14 @@ def _check_sizes(hw: np.ndarray, names: list[str]) -> tuple[int, int]:
 
 
 def load_imagefolder(path, resize=None, n_jobs: int = -1, limit_train: int = 0,
-                     limit_test: int = 0, seed: int = 0) -> Dataset:
-    """Load ROOT/{train,test}/<class>/* images as uint8 (N, H, W, 3) RGB with int64 labels.
+                     limit_test: int = 0, seed: int = 0, alloc=allocate, unlabeled: bool = True) -> Dataset:
+    """Load ROOT/{train,test}/<class>/* images as uint8 (N, H, W, 3) RGB with int64 labels, and the
+    images anywhere under ROOT/unlabeled/ (when present and `unlabeled`) as `unlabeled_x`.
 
-    Classes are the sorted class-folder names; images are ordered by (class, file path).
-    `resize=(H, W)` resizes with Pillow BICUBIC (needed when sizes differ). `limit_train` /
-    `limit_test` keep the `balanced_subset` of that size (seeded), chosen before decoding.
+    Classes are the sorted class-folder names; images are ordered by (class, file path), unlabeled
+    ones by path. `resize=(H, W)` resizes with Pillow BICUBIC (needed when sizes differ).
+    `limit_train` / `limit_test` keep the `balanced_subset` of that size (seeded), chosen before
+    decoding. Each split is decoded into `alloc(name, shape, uint8)` ("train_x", "test_x", "unlabeled_x").
     """
     path = Path(path)
     if not path.exists():
@@ -356,39 +372,90 @@ def load_imagefolder(path, resize=None, n_jobs: int = -1, limit_train: int = 0,
     _jobs(n_jobs)
     files, dirs, prefix = _listing(path)
     classes, entries, loose = _group(files, dirs, path)
+    if not unlabeled:
+        entries[UNLABELED] = []
     for split in SPLITS:
         _require_all_classes(np.array([e[0] for e in entries[split]], dtype=np.int64), classes,
                              split, path)
 
-    flat = entries["train"] + entries["test"]
-    items = [e[2] for e in flat]
+    flat = entries["train"] + entries["test"] + entries[UNLABELED]
     names = [shown(prefix + e[1]) for e in flat]
     labels = np.array([e[0] for e in flat], dtype=np.int64)
-    hw = np.full((len(flat), 2), -1, dtype=np.int64)
-    for a, b, res in _run_chunks(_probe_chunk, items, names, n_jobs, "scan images"):
-        hw[a:b] = res
+    hw = _probe([e[2] for e in flat], names, n_jobs)
     is_img = hw[:, 0] >= 0
     _warn_skipped(path, [n for n, ok in zip(names, is_img) if not ok], loose)
 
-    n_train = len(entries["train"])
+    n_train, n_test = len(entries["train"]), len(entries["test"])
     keep = []
     for split, lo, hi, limit in (("train", 0, n_train, limit_train),
-                                 ("test", n_train, len(flat), limit_test)):
+                                 ("test", n_train, n_train + n_test, limit_test)):
         idx = lo + np.flatnonzero(is_img[lo:hi])
         _require_all_classes(labels[idx], classes, split, path)
         keep.append(idx[balanced_subset(labels[idx], limit, seed, what=f"data.limit_{split}")])
+    keep.append(n_train + n_test + np.flatnonzero(is_img[n_train + n_test:]))
     if size is None:
         size = _check_sizes(hw[is_img], [n for n, ok in zip(names, is_img) if ok])
 
-    sel = np.concatenate(keep)
-    check_images(len(sel), size, fix="" if resize else "set data.resize = [H, W]")
-    x = np.empty((len(sel), *size, 3), dtype=np.uint8)
-    for a, b, res in _run_chunks(_decode_chunk, [items[i] for i in sel], [names[i] for i in sel],
-                                 n_jobs, "decode images", size):
-        x[a:b] = res
-    k = len(keep[0])
-    return Dataset(train_x=x[:k], train_y=labels[keep[0]], test_x=x[k:], test_y=labels[keep[1]],
-                   classes=classes)
+    if alloc is allocate:  # into RAM; an alloc of memory maps needs disk, which open_array reserves
+        check_images(sum(map(len, keep)), size, fix="" if resize else "set data.resize = [H, W]")
+    arrays = [decode_into(alloc, name, [flat[i][2] for i in idx], [names[i] for i in idx], size, n_jobs)
+              if len(idx) or name != "unlabeled_x" else None
+              for name, idx in zip(("train_x", "test_x", "unlabeled_x"), keep)]
+    return Dataset(train_x=arrays[0], train_y=labels[keep[0]], test_x=arrays[1], test_y=labels[keep[1]],
+                   classes=classes, unlabeled_x=arrays[2])
+
+
+def load_unlabeled(path, resize=None, n_jobs: int = -1, alloc=allocate) -> np.ndarray:
+    """Every image of an extra unlabeled source (`data.unlabeled`, a folder or archive) as uint8
+    (N, H, W, 3) in `alloc("unlabeled_x", ...)`: for an image folder with train/ and test/, the images
+    under train/ and unlabeled/ (never test/); for any other folder, all its images at any depth."""
+    path = Path(path)
+    if not path.exists():
+        raise KmfeatError(f"data.unlabeled {path}: no such file or directory")
+    size = parse_resize(resize)
+    _jobs(n_jobs)
+    try:
+        files, _, prefix = _listing(path)
+        files = {rel: item for rel, item in files.items() if rel.split("/")[0] in ("train", UNLABELED)}
+    except KmfeatError:
+        if path.is_dir():
+            files, prefix = _list_dir(path, ("",))[0], f"{path}/"
+        else:
+            files = _list_tar(path)[0]
+            prefix = f"{path}:"
+    rels = sorted(r for r in files if not any(p.startswith(".") for p in r.split("/")[:-1]))
+    names = [shown(prefix + r) for r in rels]
+    hw = _probe([files[r] for r in rels], names, n_jobs)
+    ok = np.flatnonzero(hw[:, 0] >= 0)
+    if len(rels) - len(ok):
+        say(f"data: skipped {len(rels) - len(ok)} file(s) in {path} that are not images")
+    if not len(ok):
+        raise KmfeatError(f"data.unlabeled {path}: no images found (expected image files, at any depth)")
+    if size is None:
+        size = _check_sizes(hw[ok], [names[i] for i in ok])
+    if alloc is allocate:
+        check_images(len(ok), size, what="data.unlabeled", fix="" if resize else "set data.resize = [H, W]")
+    return decode_into(alloc, "unlabeled_x", [files[rels[i]] for i in ok], [names[i] for i in ok], size, n_jobs)
+
+
+def _probe(items: list, names: list[str], n_jobs: int) -> np.ndarray:
+    """(n, 2) image heights and widths, -1 for files Pillow does not recognise."""
+    hw = np.full((len(items), 2), -1, dtype=np.int64)
+    for a, b, res in _run_chunks(_probe_chunk, items, names, n_jobs, "scan images"):
+        hw[a:b] = res
+    return hw
+
+
+def decode_into(alloc, name: str, items: list, names: list[str], size, n_jobs: int) -> np.ndarray:
+    """Decode `items` into `alloc(name, (n, H, W, 3), uint8)` chunk by chunk; a memory map's written pages
+    are flushed and dropped from the resident set as it fills, so RSS does not grow with n."""
+    out = alloc(name, (len(items), *size, 3), np.uint8)
+    for a, b, res in _run_chunks(_decode_chunk, items, names, n_jobs, f"decode {name.split('_')[0]}", size):
+        out[a:b] = res
+        if isinstance(out, np.memmap):
+            out.flush()
+            release_pages(out)
+    return out
 
 
 def _warn_skipped(path: Path, not_images: list[str], loose: int) -> None:

@@ -81,7 +81,8 @@ class Settings:
 
     def keys(self, overrides: list[str]) -> dict[str, str]:
         from kmfeat.cache import Store
-        from kmfeat.stages import ORDER, Runner
+        from kmfeat.runner import Runner
+        from kmfeat.stages import ORDER
 
         runner = Runner(self.config(overrides), Store(self.work_dir))
         return {stage: runner.key(stage) for stage in ORDER}

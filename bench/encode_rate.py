@@ -15,7 +15,8 @@ import numpy as np
 
 from kmfeat import config
 from kmfeat.cache import Store
-from kmfeat.stages import Runner, make_encoder
+from kmfeat.encode_stage import make_encoder
+from kmfeat.runner import Runner
 
 
 def main(argv=None) -> None:

@@ -54,7 +54,7 @@ def _config(pipeline, overrides, data):
 
 def _runner(ctx: click.Context, pipeline, data, overrides, force_stage=None):
     from .cache import Store
-    from .stages import Runner
+    from .runner import Runner
 
     cfg = _config(pipeline, overrides, data)
     force = frozenset([force_stage]) if force_stage else frozenset()
@@ -128,7 +128,6 @@ def search(ctx, pipeline, data, overrides, force, trials, timeout, subset, seed)
     """Optuna over the head's parameters and head.power on the cached features, scored on the
     validation split only (never test); resumable. Writes trials.csv, search.png and best.toml
     (run it with `kmfeat train -p best.toml`). --force starts the study afresh."""
-    from . import config
     from .cache import Store
     from .search import run_search
 
@@ -246,7 +245,7 @@ def cache_gc(ctx, pipelines, data, overrides, dry_run):
     or reads are never removed."""
     from . import config
     from .cache import Store
-    from .stages import Runner
+    from .runner import Runner
 
     store = Store(ctx.obj["cache_dir"])
     keep = None

@@ -19,7 +19,7 @@ def load_features(source: str | Path, cache_dir: str | Path | None = None, overr
     $KMFEAT_CACHE, else ./cache: from another folder give cache_dir (the error says where it looked).
     """
     from . import config
-    from .stages import Runner
+    from .runner import Runner
 
     path = Path(source)
     if path.is_dir():

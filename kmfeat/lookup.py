@@ -14,7 +14,7 @@ def other_data(pipeline, overrides, data, store: Store, stage: str) -> list[str]
     """The --data values (paths recorded by the store's data entries, "" for the official release) other than
     `data` under which `pipeline` with `overrides` has a finished `stage` entry."""
     from . import config
-    from .stages import Runner
+    from .runner import Runner
 
     found = []
     for entry in store.entries("data"):

@@ -463,7 +463,7 @@ def _write_outputs(cfg, study, space, folder, key, params, features, seed, subse
 def run_search(cfg: PipelineConfig, store: Store, trials: int, timeout: float | None = None, subset: int = 0,
                seed: int = 0, force: bool = False, quiet: bool = False) -> SearchResult:
     """Resolve (computing if needed) the pipeline's features, then search its head on them."""
-    from .stages import Runner
+    from .runner import Runner
 
     check_args(trials, timeout, subset, seed)
     search_space(cfg.head)

@@ -20,7 +20,7 @@ from helpers import make_image_folder
 from kmfeat import config
 from kmfeat.cache import Store
 from kmfeat.errors import KmfeatError
-from kmfeat.stages import Runner
+from kmfeat.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGEFOLDER = ["-o", "data.source=\"imagefolder\""]

@@ -9,7 +9,8 @@ import torch
 from kmfeat import config, stages
 from kmfeat.cache import Store, make_key
 from kmfeat.errors import KmfeatError
-from kmfeat.stages import ORDER, Runner
+from kmfeat.runner import Runner
+from kmfeat.stages import ORDER
 
 
 def test_make_key_is_stable_and_sensitive():
@@ -196,7 +197,7 @@ def test_keys_name_the_device_that_runs_consistently(monkeypatch, tmp_path):
 
     def keys(cuda, *overrides):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        runner = stages.Runner(config.load(None, ["data.source=\"imagefolder\"", *overrides], str(tmp_path)),
+        runner = Runner(config.load(None, ["data.source=\"imagefolder\"", *overrides], str(tmp_path)),
                                Store(tmp_path / "cache"))
         return {name: runner.key(name) for name in ("patches", "kmeans", "encode", "train")}
 

@@ -23,7 +23,7 @@ from helpers import REAL_CIFAR, make_image_folder
 from kmfeat import config, load_features
 from kmfeat.cache import Store
 from kmfeat.errors import KmfeatError
-from kmfeat.stages import Runner
+from kmfeat.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 10

@@ -11,7 +11,7 @@ from helpers import make_image_folder
 from kmfeat import CoatesFeaturizer, config, load_features
 from kmfeat.cache import Store
 from kmfeat.data import load_dataset
-from kmfeat.stages import Runner
+from kmfeat.runner import Runner
 
 PARAMS = dict(rf=4, n_patches=3000, k=12, kmeans_iters=4, kmeans_backend="torch", seed=3)
 

@@ -15,7 +15,7 @@ from kmfeat.cache import Entry, Store
 from kmfeat.data import load_dataset
 from kmfeat.errors import KmfeatError
 from kmfeat.patches import sample_patches
-from kmfeat.stages import Runner
+from kmfeat.runner import Runner
 from test_train import features_entry
 
 ROOT = Path(__file__).resolve().parents[1]

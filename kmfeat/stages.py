@@ -74,7 +74,7 @@ def _fingerprint(fingerprint, path: str) -> str:
 
 def _writer_array(out: Writer, arr) -> bool:
     """Whether `arr` is already the memory-mapped file of `out` (decoded in place): no save needed."""
-    return isinstance(arr, np.memmap) and Path(arr.filename).parent == out.dir
+    return isinstance(arr, np.memmap) and Path(arr.filename).resolve().parent == out.dir.resolve()
 
 
 def _compute_data(ctx: Context) -> str:

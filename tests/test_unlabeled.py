@@ -1,6 +1,7 @@
 """Issue 14: unlabeled images (ROOT/unlabeled/, --unlabeled PATH), patches.source, decoding into the data
 stage's memory maps, and the per-fold (STL-10) protocol."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,20 @@ def test_unlabeled_folder_is_its_own_split_decoded_into_the_entrys_memory_maps(t
     for name in ("train_x", "test_x", "unlabeled_x"):
         np.testing.assert_array_equal(entry.array(name), getattr(ram, name))
     assert len(entry.array("train_y")) == 15 and not list(entry.path.glob("*.scratch.npy"))
+
+
+def test_a_relative_cache_dir_keeps_the_decoded_memory_maps(tmp_path):
+    """The data stage must recognise its own memory maps whatever the cache path looks like: saving one over
+    itself would truncate the file under its own map (SIGBUS)."""
+    data = make_image_folder(tmp_path / "imgs", n_train=5, n_test=2)
+    expected = add_unlabeled(data)
+    proc = subprocess.run([sys.executable, "-m", "kmfeat", "--cache-dir", "rel-cache", "data", "--data", str(data),
+                           "-o", "data.source=\"imagefolder\""], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = Store(tmp_path / "rel-cache").entries("data")
+    np.testing.assert_array_equal(entry.array("unlabeled_x"), expected)
+    assert entry.array("train_x").shape == (15, 16, 16, 3)
 
 
 def test_patches_from_unlabeled_never_read_the_labeled_splits(tmp_path, monkeypatch):

@@ -10,8 +10,9 @@ PIPELINE ?= pipelines/cifar10.toml
 DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
 HEAD ?=
 ARGS ?=
-# pyproject extras: cpu = faiss-cpu; EXTRAS=gpu,dev installs faiss-gpu instead (GPU k-means through faiss)
-EXTRAS ?= cpu,dev
+# pyproject extras: cpu = faiss-cpu; EXTRAS=gpu,dask,dev installs faiss-gpu instead (GPU k-means through faiss);
+# dask = Dask distributed for --scheduler (its tests skip without it)
+EXTRAS ?= cpu,dask,dev
 
 PY := $(VENV)/bin/python
 KMFEAT := $(VENV)/bin/kmfeat

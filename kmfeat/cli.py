@@ -28,6 +28,10 @@ def _pipeline_options(func):
     func = click.option("--force", is_flag=True, help="Recompute this stage even if cached.")(func)
     func = click.option("-o", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                         help="Override a config value, e.g. -o kmeans.k=4000 (repeatable).")(func)
+    func = click.option("--scheduler", metavar="ADDRESS", envvar="KMFEAT_SCHEDULER", expose_value=False,
+                        callback=_keep_scheduler,
+                        help="Run encode (and image decoding) on a Dask cluster: tcp://host:8786, or local:N worker "
+                             "processes on this machine (env KMFEAT_SCHEDULER; needs kmfeat[dask]).")(func)
     func = click.option("--unlabeled", metavar="PATH", expose_value=False, callback=_keep_unlabeled,
                         help="Extra unlabeled images for the dictionary: an image folder or archive (its train/ "
                              "and unlabeled/ images, or all), a CIFAR or STL-10 release (= -o data.unlabeled=PATH)."
@@ -38,6 +42,15 @@ def _pipeline_options(func):
     func = click.option("-p", "--pipeline", "pipeline", metavar="TOML",
                         help="Pipeline config (pipelines/*.toml); default: built-in Coates defaults.")(func)
     return func
+
+
+def _keep_scheduler(ctx: click.Context, _param, value):
+    if value:
+        from .cluster import Cluster
+
+        cluster = Cluster(value)
+        ctx.meta["kmfeat.cluster"] = cluster
+        ctx.call_on_close(cluster.close)
 
 
 def _keep_unlabeled(ctx: click.Context, _param, value):
@@ -58,7 +71,8 @@ def _runner(ctx: click.Context, pipeline, data, overrides, force_stage=None):
 
     cfg = _config(pipeline, overrides, data)
     force = frozenset([force_stage]) if force_stage else frozenset()
-    return Runner(cfg, Store(ctx.obj["cache_dir"]), force=force, quiet=ctx.obj["quiet"])
+    return Runner(cfg, Store(ctx.obj["cache_dir"]), force=force, quiet=ctx.obj["quiet"],
+                  cluster=ctx.meta.get("kmfeat.cluster"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

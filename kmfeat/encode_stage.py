@@ -116,33 +116,47 @@ def _open_split(ctx, encoder, name: str, images: np.ndarray, flip: bool, setting
     return _Split(name, images, flip, out, record, settings, done)
 
 
+def encode_rows(encoder, images: np.ndarray, out: np.ndarray, start: int, stop: int, flip: bool, settings: dict,
+                name: str) -> None:
+    """Encode images[start:stop] into out[start:stop] with the stage's fixed batch and kernel, then flush the
+    rows to disk and drop their pages. The one way a shard is computed, here or on a cluster worker."""
+    for a, b, feats in encoder.iter_transform(images[start:stop], flip=flip, batch=settings["batch"],
+                                              compiled=settings["compiled"]):
+        feats = feats.astype(out.dtype, copy=False)
+        if not np.isfinite(feats).all():
+            hint = (" (or values beyond the float16 range: use encode.dtype = \"float32\")"
+                    if out.dtype == np.float16 else "")
+            raise KmfeatError(f"encode: features of {name} images {start + a}-{start + b} contain "
+                              f"NaN or inf; check the whitening (whiten.eps) and the input images{hint}")
+        out[start + a:start + b] = feats
+    out.flush()
+    release_pages(out)
+
+
+def record_shard(split: _Split, start: int) -> None:
+    """Add a finished (flushed) shard to the split's checkpoint: write + fsync + atomic rename."""
+    split.done.add(start)
+    part = split.record.with_name(split.record.name + ".part")
+    part.write_text(json.dumps({"settings": split.settings, "done": sorted(split.done)}))
+    _fsync_file(part)  # on disk before it says the shard is done (the flush wrote the shard itself)
+    part.replace(split.record)
+    _fsync_dir(split.record.parent)
+
+
+def todo_shards(split: _Split) -> list[int]:
+    return [s for s in range(0, len(split.images), split.settings["shard"]) if s not in split.done]
+
+
 def _encode_split(split: _Split, encoder) -> None:
     """Encode a split shard by shard into its memmap; each finished shard is flushed, then
-    recorded in the checkpoint (write + atomic rename), so a killed run resumes after it."""
-    n, step = len(split.images), split.settings["shard"]
-    todo = [s for s in range(0, n, step) if s not in split.done]
+    recorded in the checkpoint, so a killed run resumes after it."""
+    n, todo = len(split.images), todo_shards(split)
     with bar(total=n, initial=n - sum(split.shard_len(s) for s in todo), desc=f"encode {split.name}",
              unit="img") as progress:
         for start in todo:
             stop = start + split.shard_len(start)
-            for a, b, feats in encoder.iter_transform(split.images[start:stop], flip=split.flip,
-                                                      batch=split.settings["batch"],
-                                                      compiled=split.settings["compiled"]):
-                feats = feats.astype(split.out.dtype, copy=False)
-                if not np.isfinite(feats).all():
-                    hint = (" (or values beyond the float16 range: use encode.dtype = \"float32\")"
-                            if split.out.dtype == np.float16 else "")
-                    raise KmfeatError(f"encode: features of {split.name} images {start + a}-{start + b} contain "
-                                      f"NaN or inf; check the whitening (whiten.eps) and the input images{hint}")
-                split.out[start + a:start + b] = feats
-            split.out.flush()
-            release_pages(split.out)
-            split.done.add(start)
-            part = split.record.with_name(split.record.name + ".part")
-            part.write_text(json.dumps({"settings": split.settings, "done": sorted(split.done)}))
-            _fsync_file(part)  # on disk before it says the shard is done (msync above wrote the shard itself)
-            part.replace(split.record)
-            _fsync_dir(split.record.parent)
+            encode_rows(encoder, split.images, split.out, start, stop, split.flip, split.settings, split.name)
+            record_shard(split, start)
             progress.update(stop - start)
 
 
@@ -162,8 +176,13 @@ def compute_encode(ctx) -> str:
     done = sum(s.shard_len(start) for s in opened for start in s.done)
     if done:
         ctx.log(f"encode: resuming, {done:,}/{total:,} images already done")
-    for split in opened:
-        _encode_split(split, encoder)
+    if ctx.cluster is not None:
+        from .cluster import encode_on_cluster
+
+        encode_on_cluster(ctx.cluster, ctx, opened)
+    else:
+        for split in opened:
+            _encode_split(split, encoder)
     ctx.out.save("train_y", data.array("train_y"))
     ctx.out.save("test_y", data.array("test_y"))
     if data.has("folds"):

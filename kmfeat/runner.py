@@ -12,6 +12,7 @@ import os
 import time
 
 from .cache import Entry, Store, disk_full_error, free_bytes, is_disk_full, make_key
+from .cluster import active
 from .config import PipelineConfig
 from .errors import KmfeatError
 from .memory import human_bytes
@@ -29,9 +30,10 @@ class Runner:
     `quiet` drops the status lines (warnings and errors still show)."""
 
     def __init__(self, cfg: PipelineConfig, store: Store, force: frozenset[str] = frozenset(),
-                 quiet: bool = False):
+                 quiet: bool = False, cluster=None):
         self.cfg, self.store, self.force = cfg, store, set(force)
         self.quiet = quiet
+        self.cluster = cluster  # a kmfeat.cluster.Cluster: encode and image decoding run on its workers
         self._keys: dict[str, str] = {}
         self._done: dict[str, Entry] = {}
         self._cleaned = False
@@ -99,10 +101,12 @@ class Runner:
         self.log(f"{stage.name}: computing ({key}) ...")
         start = time.time()
         try:
-            summary = stage.compute(Context(self.cfg, inputs, writer, self.log))
+            with active(self.cluster):
+                summary = stage.compute(Context(self.cfg, inputs, writer, self.log, self.cluster))
             entry = writer.commit()
-        except KmfeatError:
-            writer.abort()
+        except KmfeatError as exc:
+            if not (stage.resumable and getattr(exc, "keep_checkpoint", False)):
+                writer.abort()
             raise
         except Exception as exc:
             # libraries that lose the errno of a failed write (numpy's tofile, torch.save) are

@@ -25,6 +25,7 @@ class Context:
     inputs: dict[str, Entry]
     out: Writer
     log: Callable[[str], None] = say
+    cluster: object = None  # a kmfeat.cluster.Cluster when --scheduler is given: encode and decode run there
 
 
 INTERRUPTED = {

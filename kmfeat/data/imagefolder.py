@@ -43,6 +43,7 @@ from joblib import Parallel, delayed, effective_n_jobs
 from PIL import Image, UnidentifiedImageError
 
 from ..cache import release_pages
+from ..cluster import current, decode_on_cluster
 from ..errors import KmfeatError
 from ..memory import check_images
 from ..progress import bar, say
@@ -448,8 +449,14 @@ def _probe(items: list, names: list[str], n_jobs: int) -> np.ndarray:
 
 def decode_into(alloc, name: str, items: list, names: list[str], size, n_jobs: int) -> np.ndarray:
     """Decode `items` into `alloc(name, (n, H, W, 3), uint8)` chunk by chunk; a memory map's written pages
-    are flushed and dropped from the resident set as it fills, so RSS does not grow with n."""
+    are flushed and dropped from the resident set as it fills, so RSS does not grow with n. With a cluster
+    active (--scheduler) the chunks of a memory map are decoded on its workers."""
     out = alloc(name, (len(items), *size, 3), np.uint8)
+    cluster = current()
+    if cluster is not None and isinstance(out, np.memmap) and len(items):
+        decode_on_cluster(cluster, out, items, names, size, CHUNK)
+        release_pages(out)
+        return out
     for a, b, res in _run_chunks(_decode_chunk, items, names, n_jobs, f"decode {name.split('_')[0]}", size):
         out[a:b] = res
         if isinstance(out, np.memmap):

@@ -9,9 +9,10 @@ the median seconds and the rate per 110,000 images (CIFAR-10 train + mirrors + t
 """
 import argparse
 import statistics
-import time
 
 import numpy as np
+
+from .table import timed_runs
 
 from kmfeat import config
 from kmfeat.cache import Store
@@ -33,11 +34,7 @@ def main(argv=None) -> None:
     encoder = make_encoder(cfg, runner.run("whiten"), runner.run("kmeans"))
     images = np.asarray(runner.run("data").array("test_x"))[: args.images]
     encoder.transform(images[:500])
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        encoder.transform(images)
-        times.append(time.perf_counter() - start)
+    times = timed_runs(lambda: encoder.transform(images), args.repeats)
     median = statistics.median(times)
     print(f"{' '.join(args.overrides) or 'pipeline as is'}: {encoder.n_features:,} features, "
           f"{len(images):,} images in {median:.2f} s median of {args.repeats} "

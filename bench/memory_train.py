@@ -58,7 +58,7 @@ def write_synthetic_entry(cache: Path, overrides: list[str], n_train: int, n_tes
     pipeline (default config + overrides) uses; returns the encode Entry."""
     from kmfeat import config
     from kmfeat.cache import Store
-    from kmfeat.stages import Runner
+    from kmfeat.runner import Runner
 
     cfg = config.load(None, overrides)
     store = Store(cache)

@@ -28,3 +28,16 @@ def fmt_count(n: float) -> str:
 
 def fmt_mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:,.0f}"
+
+
+def timed_runs(fn, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn() (warm it up first)."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def allocate(name: str, shape, dtype) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
-from .cifar import _TAR_PEEK, detect_cifar, fetch_release, load_cifar  # noqa: E402  (they use Dataset)
+from .cifar import detect_cifar, fetch_release, load_cifar, peek_tar  # noqa: E402  (they use Dataset)
 from .imagefolder import load_imagefolder, parse_resize, resize_images  # noqa: E402
 from .stl10 import detect_stl10, fetch_stl10, load_stl10  # noqa: E402
 from .subset import balanced_subset  # noqa: E402
@@ -75,17 +74,8 @@ def _detect_tar(path: Path) -> str | None:
     from .cifar import _detect_name as cifar_name
     from .stl10 import _detect_name as stl10_name
 
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for i, member in enumerate(tf):
-                if i >= _TAR_PEEK:
-                    break
-                fmt = cifar_name(member.name, member.isfile())
-                if fmt or stl10_name(member.name, member.isfile()):
-                    return fmt or "stl10"
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
-        return None
-    return None
+    return peek_tar(path, lambda name, is_file: cifar_name(name, is_file)
+                    or ("stl10" if stl10_name(name, is_file) else None))
 
 
 def fingerprint(path) -> str:

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tarfile
+import zlib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -65,17 +66,21 @@ _TAR_PEEK = 64
 def detect_cifar(path) -> str | None:
     """The CIFAR format of a tar archive or folder ("cifar10-python", ...), or None."""
     path = Path(path)
-    if path.is_dir():
-        return _detect_dir(path)
+    return _detect_dir(path) if path.is_dir() else peek_tar(path, _detect_name)
+
+
+def peek_tar(path, detect):
+    """The first non-empty detect(member name, is_file) over an archive's first _TAR_PEEK members (read as a
+    stream, so a big .tar.gz is not decompressed past them), or None; None for what is not a readable tar."""
     try:
         with tarfile.open(path, "r|*") as tf:
             for i, member in enumerate(tf):
                 if i >= _TAR_PEEK:
                     break
-                fmt = _detect_name(member.name, member.isfile())
-                if fmt:
-                    return fmt
-    except (tarfile.TarError, OSError, EOFError):
+                found = detect(member.name, member.isfile())
+                if found:
+                    return found
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
         return None
     return None
 
@@ -422,12 +427,18 @@ def fetch_release(name: str = "cifar10", data_dir=None, fmt: str = "python") -> 
         raise KmfeatError(f"data.source: no official release for {name!r} in {fmt!r} format "
                           "(expected cifar10 or cifar100, python or binary)")
     filename, md5 = RELEASES[name, fmt]
+    folder = next(f for f, v in FOLDERS.items() if v == f"{name}-{fmt}")
+    return fetch_archive(URL_BASE + filename, md5, folder, data_dir)
+
+
+def fetch_archive(url: str, md5: str, folder: str, data_dir=None, size: str = "") -> Path:
+    """The verified archive of `url` in `data_dir` (default $KMFEAT_DATA or ./data), downloaded if missing,
+    or the already extracted `folder` there."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    archive = data_dir / filename
+    archive = data_dir / url.rsplit("/", 1)[-1]
     if archive.is_file():
         verify_md5(archive, md5)
         return archive
-    folder = next(f for f, v in FOLDERS.items() if v == f"{name}-{fmt}")
     if (data_dir / folder).is_dir():
         return data_dir / folder
     try:
@@ -435,6 +446,6 @@ def fetch_release(name: str = "cifar10", data_dir=None, fmt: str = "python") -> 
     except OSError as e:
         raise KmfeatError(f"data dir {data_dir}: cannot create it ({e}); set KMFEAT_DATA to a "
                           "writable folder") from e
-    say(f"data: downloading {URL_BASE}{filename} to {data_dir}/")
-    _download(URL_BASE + filename, archive, md5)
+    say(f"data: downloading {url}{f' ({size})' if size else ''} to {data_dir}/")
+    _download(url, archive, md5)
     return archive

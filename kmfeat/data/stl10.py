@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KmfeatError
-from ..progress import say
 from . import Dataset, allocate
-from .cifar import _TAR_PEEK, _download, default_data_dir, verify_md5
+from .cifar import fetch_archive, peek_tar
 
 URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 ARCHIVE = "stl10_binary.tar.gz"
@@ -51,16 +50,7 @@ def detect_stl10(path) -> bool:
     path = Path(path)
     if path.is_dir():
         return path.name == FOLDER or (path / "train_X.bin").is_file() or (path / FOLDER).is_dir()
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for i, member in enumerate(tf):
-                if i >= _TAR_PEEK:
-                    break
-                if _detect_name(member.name, member.isfile()):
-                    return True
-    except _READ_ERRORS:
-        return False
-    return False
+    return bool(peek_tar(path, _detect_name))
 
 
 def _parts(name: str) -> list[str]:
@@ -280,18 +270,4 @@ def load_stl10(path, alloc=allocate, unlabeled: bool = True) -> Dataset:
 def fetch_stl10(data_dir=None) -> Path:
     """Path of the official release in `data_dir` (default $KMFEAT_DATA or ./data): the verified
     stl10_binary.tar.gz (downloaded if missing), or an already extracted `stl10_binary/` there."""
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    archive = data_dir / ARCHIVE
-    if archive.is_file():
-        verify_md5(archive, MD5)
-        return archive
-    if (data_dir / FOLDER).is_dir():
-        return data_dir / FOLDER
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KmfeatError(f"data dir {data_dir}: cannot create it ({e}); set KMFEAT_DATA to a "
-                          "writable folder") from e
-    say(f"data: downloading {URL} (2.6 GB) to {data_dir}/")
-    _download(URL, archive, MD5)
-    return archive
+    return fetch_archive(URL, MD5, FOLDER, data_dir, size="2.6 GB")

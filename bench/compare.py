@@ -26,6 +26,42 @@ TARGET_SPEEDUP = 6.0
 """Target speed-up of the Encoder over the naive baseline (2 CPU cores, k=1600)."""
 WARMUP_IMAGES = 8
 DICTIONARY_ITERS = 2
+PEAK_ROWS = 16 * 729
+"""Rows of the roofline probe: the patches of 16 CIFAR images, about what one encoder block multiplies."""
+PEAK_REPEATS = 5
+
+
+def matmul_peak(d: int, k: int, device: str, dtype: str) -> float:
+    """This machine's GFLOP/s for the encoder's matmul shape class, (PEAK_ROWS x d) @ (d x k), in `dtype`
+    ("fp32" or "bf16": bfloat16 inputs, float32 accumulation inside the kernel): the best of torch.mm and
+    oneDNN's prepacked linear (CPU), best of PEAK_REPEATS after a warm-up. The roof each encoder is put
+    against; bf16 is the floor a bfloat16 encoder could reach (issue 16)."""
+    import torch
+
+    from kmfeat.linear import _onednn_available
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(PEAK_ROWS, d, generator=g).to(device)
+    w = torch.randn(k, d, generator=g).to(device)
+    b = torch.zeros(k, device=device)
+    if dtype == "bf16":
+        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    calls = [lambda: torch.mm(x, w.t())]
+    if device == "cpu" and _onednn_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        calls.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+    best = float("inf")
+    for call in calls:
+        call()
+        for _ in range(PEAK_REPEATS):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * PEAK_ROWS * d * k / best / 1e9
 
 
 @dataclass
@@ -148,9 +184,11 @@ def run_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, varian
         timing.rel_diff = relative_diff(out, reference)
         timings.append(timing)
     device = "cuda" if cfg.encode.device != "cpu" and torch.cuda.is_available() else "cpu"
+    say("bench: the matmul roof of this shape class (fp32, bf16) ...")
+    peaks = {p: matmul_peak(d, k, device, p) for p in ("fp32", "bf16")}
     return {
         "images": N, "image_shape": [H, W, C], "k": k, "d": d, "positions": positions, "kind": cfg.encode.kind,
-        "flop": flop, "threads": threads, "device": device, "tolerance": TOLERANCE,
+        "flop": flop, "threads": threads, "device": device, "tolerance": TOLERANCE, "peak_gflops": peaks,
         "timings": [{"name": t.name, "runs": t.runs, "median": t.median, "warmup": t.warmup,
                      "images_per_s": N / t.median, "gflops": flop / t.median / 1e9,
                      "speedup": naive.median / t.median, "rel_diff": t.rel_diff} for t in timings],
@@ -159,19 +197,28 @@ def run_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, varian
 
 def render_compare(result: dict, markdown: bool) -> str:
     """The comparison table, then one speed-up and one match line per Encoder variant."""
-    header = ["encoder", "warm-up s", "seconds, median (runs)", "images/s", "GFLOP/s", "speed-up", "max rel diff"]
+    header = ["encoder", "warm-up s", "seconds, median (runs)", "images/s", "GFLOP/s", "of fp32 roof", "speed-up",
+              "max rel diff"]
+    peaks = result.get("peak_gflops") or {}
     rows = []
     for t in result["timings"]:
         runs = " ".join(fmt_seconds(s) for s in t["runs"])
+        roof = f"{t['gflops'] / peaks['fp32']:.0%}" if peaks.get("fp32") else "-"
         rows.append([t["name"], "-" if t["warmup"] is None else fmt_seconds(t["warmup"]),
                      f"{fmt_seconds(t['median'])} ({runs})", fmt_count(t["images_per_s"]), f"{t['gflops']:.1f}",
-                     f"{t['speedup']:.2f}x", "-" if t["rel_diff"] is None else f"{t['rel_diff']:.1e}"])
+                     roof, f"{t['speedup']:.2f}x", "-" if t["rel_diff"] is None else f"{t['rel_diff']:.1e}"])
     H, W, C = result["image_shape"]
     title = (f"{result['images']:,} images {H}x{W}x{C}, k={result['k']}, d={result['d']}, "
              f"{result['positions']} positions, {result['kind']}; {result['device']}, {result['threads']} threads; "
              f"GFLOP/s counts the distance matmul (2*N*positions*k*d = {result['flop'] / 1e9:,.0f} GFLOP)")
-    table = markdown_table(header, rows, {1, 2, 3, 4, 5, 6}) if markdown else text_table(header, rows, {1, 2, 3, 4, 5, 6})
+    right = set(range(1, len(header)))
+    table = markdown_table(header, rows, right) if markdown else text_table(header, rows, right)
     lines = [title, "", table, ""]
+    if peaks:
+        lines.append(f"{'- ' if markdown else ''}roof: this machine's matmul of the same shape class "
+                     f"({PEAK_ROWS:,} x {result['d']} @ {result['d']} x {result['k']}, best of torch.mm and oneDNN) "
+                     f"runs {peaks['fp32']:.0f} GFLOP/s in fp32 and {peaks['bf16']:.0f} in bf16 (bf16 inputs, "
+                     f"float32 accumulation): the floor a bf16 encoder could reach")
     bullet = "- " if markdown else ""
     for t in result["timings"][1:]:
         ok = t["rel_diff"] <= result["tolerance"]

@@ -206,6 +206,19 @@ def test_compare_prints_speedup_and_a_match_within_tolerance(tmp_path, data, _):
         assert f"match {t['name']}: max|a-b|/max|b| = {t['rel_diff']:.2e} (<= 0.0001: ok)" in proc.stdout
     naive = result["timings"][0]
     assert result["timings"][1]["speedup"] == pytest.approx(naive["median"] / result["timings"][1]["median"])
+    peaks = result["peak_gflops"]
+    assert peaks["fp32"] > 0 and peaks["bf16"] > 0 and "roof: this machine's matmul" in proc.stdout
+    compiled = result["timings"][1]
+    assert f"{compiled['gflops'] / peaks['fp32']:.0%}" in table_row(proc.stdout, compiled["name"])
+
+
+def test_matmul_peak_is_the_flops_of_its_shape_over_the_best_time(monkeypatch):
+    import bench.compare as compare
+
+    clock = iter(float(i) for i in range(1000))  # every timed call "takes" exactly 1 s
+    monkeypatch.setattr(compare.time, "perf_counter", lambda: next(clock))
+    for dtype in ("fp32", "bf16"):
+        assert compare.matmul_peak(27, 40, "cpu", dtype) == pytest.approx(2 * compare.PEAK_ROWS * 27 * 40 / 1e9)
 
 
 @pytest.mark.slow

@@ -177,7 +177,7 @@ def _memory_mode(s: Settings, info: dict, memory: bool, memory_k: int | None, ma
 @click.option("--images", type=int, help="--compare: number of train images (default 2000; 100 with --quick).")
 @click.option("--k", type=int, help="--compare: number of centroids (default the pipeline's; 64 with --quick).")
 @click.option("--variants", default="compiled,eager", show_default=True,
-              help="--compare: Encoder variants (KMFEAT_COMPILE=1 / 0).")
+              help="--compare: Encoder variants (KMFEAT_COMPILE=1 / 0; -bf16: encode.precision = bf16).")
 @click.option("--memory", is_flag=True, help="Peak RSS of `kmfeat encode` on 10,000 images and on the full copy.")
 @click.option("--memory-k", type=int, help="Peak RSS of `kmfeat encode` on the full copy with this k (e.g. 4000).")
 @click.option("--quick", is_flag=True, help="Tiny settings, so that the whole harness runs in well under a minute.")

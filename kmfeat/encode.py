@@ -22,8 +22,8 @@ import torch
 
 from .determinism import deterministic_sums
 from .errors import KmfeatError
-from .linear import Linear
-from .precision import full_fp32
+from .linear import BF16_RTOL, Linear, ProductBF16
+from .precision import encode_precision, full_fp32
 from .progress import say
 from .pooling import POOL_KINDS, cell_index, finest, levels, n_cells, pool_bounds, pyramid
 
@@ -76,6 +76,19 @@ def _soft_split_cells(e, two_alpha, cuts, reduce):
     """Both signs from one product e = c_hat.z - alpha: max(0, e), and
     max(0, -c_hat.z - alpha) = max(0, -e - 2 alpha)."""
     return _reduce_cols(torch.cat([e, e.neg() - two_alpha], -1).clamp_min(0), cuts, reduce)
+
+
+def _triangle_cells_bf16(p, bias, zz, cuts, reduce):
+    """_triangle_cells of the bfloat16 product p = -2 z.c: widened to float32 and biased inside the kernel."""
+    return _triangle_cells(p.float() + bias, zz, cuts, reduce)
+
+
+def _soft_cells_bf16(p, bias, cuts, reduce):
+    return _soft_cells(p.float() + bias, cuts, reduce)
+
+
+def _soft_split_cells_bf16(p, bias, two_alpha, cuts, reduce):
+    return _soft_split_cells(p.float() + bias, two_alpha, cuts, reduce)
 
 
 def _cell_reduce_(f, cuts, reduce, out):
@@ -161,14 +174,14 @@ def _resolve_device(device):
 
 
 ENCODER_PARAMS = ("centroids", "whiten_mean", "whiten_matrix", "rf", "stride", "kind", "alpha", "split", "q", "grid",
-                  "pool", "norm_eps", "device", "batch")
+                  "pool", "norm_eps", "device", "batch", "precision")
 
 
 class Encoder:
     """Dense Coates encoder: learned whitening + centroids in, pooled features out."""
 
     def __init__(self, centroids, whiten_mean, whiten_matrix, *, rf=6, stride=1, kind="triangle", alpha=0.5,
-                 split=False, q=0.25, grid=2, pool="sum", norm_eps=10.0, device="auto", batch=None):
+                 split=False, q=0.25, grid=2, pool="sum", norm_eps=10.0, device="auto", batch=None, precision="fp32"):
         self.centroids = centroids
         self.whiten_mean = whiten_mean
         self.whiten_matrix = whiten_matrix
@@ -183,6 +196,7 @@ class Encoder:
         self.norm_eps = norm_eps
         self.device = device
         self.batch = batch
+        self.precision = precision
         self._validate()
         self.device_ = _resolve_device(device)
         self._prepare()
@@ -193,7 +207,7 @@ class Encoder:
         return {name: getattr(self, name) for name in ENCODER_PARAMS}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"precision": "fp32", **state})  # pickled before encode.precision existed
         try:
             self.device_ = _resolve_device(self.device)
         except KmfeatError:
@@ -256,6 +270,12 @@ class Encoder:
         as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=dev)
         self.whiten_ = Linear(as_tensor(W), as_tensor(-(np.asarray(self.whiten_mean, np.float64) @ W.T)))
         self.code_ = Linear(as_tensor(weight), as_tensor(bias))
+        self.precision_ = encode_precision(self.precision, dev)
+        self.product_ = ProductBF16(as_tensor(weight)) if self.precision_ == "bf16" else None
+        if self.product_ is not None and not self.product_.ok:
+            raise KmfeatError(f"encode.precision = bf16: on {dev} a bfloat16 product of these centroids disagrees "
+                              f"with float64 beyond {BF16_RTOL:g}; use encode.precision = \"fp32\"")
+        self.code_bias_ = as_tensor(bias)
         self.compile_ = compile_mode() != "off" and self.kind in ("triangle", "soft")
         self.compiled_once_ = False
         self.work_seen_ = 0
@@ -382,11 +402,18 @@ class Encoder:
         e = bias + scale * z.c from one matmul, then the fused kernel (compiled) or in-place passes (eager)."""
         global _compile_broken
         cuts, reduce = geom["cuts"], "max" if self.pool == "max" else "sum"
-        e = self.code_(zb).view(zz.shape[0], zz.shape[1], -1)
+        bf16 = self.product_ is not None
+        e = (self.product_ if bf16 else self.code_)(zb).view(zz.shape[0], zz.shape[1], -1)
         soft_split = self.kind == "soft" and self.split
         if geom["compiled"] and self.compile_:
-            fn, args = ((_triangle_cells, (e, zz)) if self.kind == "triangle" else
-                        (_soft_split_cells, (e, 2.0 * self.alpha)) if soft_split else (_soft_cells, (e,)))
+            if bf16:  # the float32 widening and the bias are fused into the kernel
+                b = self.code_bias_
+                fn, args = ((_triangle_cells_bf16, (e, b, zz)) if self.kind == "triangle" else
+                            (_soft_split_cells_bf16, (e, b, 2.0 * self.alpha)) if soft_split else
+                            (_soft_cells_bf16, (e, b)))
+            else:
+                fn, args = ((_triangle_cells, (e, zz)) if self.kind == "triangle" else
+                            (_soft_split_cells, (e, 2.0 * self.alpha)) if soft_split else (_soft_cells, (e,)))
             fresh, t0 = (fn, self.device_) not in _compiled, time.perf_counter()
             if fresh:
                 say("encode: compiling the fused encoder kernel, once per process (about 10-30 s the first time, "
@@ -403,6 +430,8 @@ class Encoder:
                 warnings.warn(f"kmfeat.encode: torch.compile failed, using the eager encoder ({exc})", stacklevel=2)
                 _compile_broken = True
                 self.compile_ = False
+        if bf16:
+            e = e.float().add_(self.code_bias_)
         if self.kind == "triangle":
             return _triangle_cells_(e, zz, cuts, reduce, out)
         if soft_split:

@@ -44,7 +44,8 @@ def make_encoder(cfg: PipelineConfig, whiten: Entry, kmeans: Entry):
     return Encoder(np.asarray(kmeans.array("centroids")), np.asarray(whiten.array("mean")),
                    np.asarray(whiten.array("matrix")), rf=cfg.patches.rf, stride=e.stride,
                    kind=e.kind, alpha=e.alpha, split=e.split, q=e.q, grid=cfg.pool.grid, pool=cfg.pool.kind,
-                   norm_eps=cfg.patches.norm_eps, device=e.device, batch=e.batch or None)
+                   norm_eps=cfg.patches.norm_eps, device=e.device, batch=e.batch or None,
+                   precision=e.precision)
 
 
 def encode_batch(encoder, image_shape) -> int:

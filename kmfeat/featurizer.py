@@ -26,7 +26,7 @@ class CoatesFeaturizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     def __init__(self, rf=6, n_patches=400_000, norm_eps=10.0, whiten="zca", whiten_eps=0.1,
                  k=1600, kmeans_iters=25, kmeans_backend="auto", kmeans_init="random", kind="triangle", alpha=0.5,
-                 stride=1, grid=2, device="auto", seed=0, split=False, q=0.25, pool="sum"):
+                 stride=1, grid=2, device="auto", seed=0, split=False, q=0.25, pool="sum", precision="fp32"):
         self.rf = rf
         self.n_patches = n_patches
         self.norm_eps = norm_eps
@@ -45,6 +45,7 @@ class CoatesFeaturizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self.split = split
         self.q = q
         self.pool = pool
+        self.precision = precision
 
     def fit(self, X, y=None):
         patches = normalize_patches(sample_patches(X, rf=self.rf, n=self.n_patches, seed=self.seed),
@@ -56,7 +57,7 @@ class CoatesFeaturizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self.encoder_ = Encoder(self.kmeans_.centroids_, self.whitener_.mean_, self.whitener_.W_,
                                 rf=self.rf, stride=self.stride, kind=self.kind, alpha=self.alpha,
                                 split=self.split, q=self.q, grid=self.grid, pool=self.pool,
-                                norm_eps=self.norm_eps, device=self.device)
+                                norm_eps=self.norm_eps, device=self.device, precision=self.precision)
         self.n_features_out_ = self.encoder_.n_features
         return self
 

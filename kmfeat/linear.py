@@ -51,3 +51,36 @@ class Linear:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.addmm(self.bias, x, self.weight.t())
+
+
+BF16_RTOL = 2e-2
+"""How far a bfloat16 product may be from float64, relative to the product's scale: inputs rounded to 8
+significant bits (2^-9 relative each), float32 accumulation, the output rounded to bfloat16."""
+
+
+class ProductBF16:
+    """Callable x (n, d) float32 -> x @ weight.T (n, k) in bfloat16: both factors rounded to bfloat16, the dot
+    products accumulated in float32 by oneDNN (AVX512-BF16 / AMX on CPU) or tensor cores (CUDA), the result
+    given back in bfloat16 (torch has no bf16 x bf16 -> float32 product on the CPU); the caller adds the bias
+    in float32. `ok` says whether a probe agreed with float64 within BF16_RTOL."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.to(torch.bfloat16)
+        self.packed = None
+        if weight.device.type == "cpu" and _onednn_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            except Exception:
+                self.packed = None
+        zero = torch.zeros(weight.shape[0], device=weight.device)
+        self.ok = agrees_with_float64(lambda x: self(x).float(), weight, zero, rtol=BF16_RTOL)
+
+    @property
+    def backend(self) -> str:
+        return "onednn-bf16" if self.packed is not None else "torch-bf16"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
+        return xb @ self.weight.t()

@@ -47,3 +47,39 @@ def native_cuda_bf16(device) -> bool:
     bf16 (slower than float32) does not count."""
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """Whether `dev` does bfloat16 matmuls in hardware (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
+    if dev.type == "cuda":
+        return native_cuda_bf16(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+_resolved: dict = {}
+
+
+def encode_precision(requested: str, device: str) -> str:
+    """The encoder's matmul precision for `requested` on `device` (a resolved "cpu" / "cuda[:N]"): auto is
+    bf16 only where the hardware multiplies bfloat16 natively and a probe product agrees with float64 within
+    kmfeat.linear.BF16_RTOL, else fp32. Cached per (requested, device): cache keys and the encoder agree."""
+    from .errors import KmfeatError
+
+    if requested not in PRECISIONS:
+        raise KmfeatError(f"encode.precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if (requested, device) not in _resolved:
+        from .linear import ProductBF16
+
+        dev = torch.device(device)
+        probe = torch.randn(64, 108, generator=torch.Generator().manual_seed(1)).to(dev)
+        _resolved[requested, device] = "bf16" if native_bf16(dev) and ProductBF16(probe).ok else "fp32"
+    return _resolved[requested, device]
+

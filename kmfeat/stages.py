@@ -216,13 +216,18 @@ def _compute_kmeans(ctx: Context) -> str:
 
 
 def _encode_params(cfg: PipelineConfig) -> dict:
-    """The encode settings that change the features' bytes, the resolved device among them (CPU and CUDA
-    round differently); the batch does not (see encode_batch)."""
+    """The encode settings that change the features' bytes, the resolved device and precision among them (CPU
+    and CUDA, fp32 and bf16 round differently; fp32, the default, is left out so earlier keys stand); the batch
+    does not (see encode_batch)."""
     from .encode import _resolve_device
+    from .precision import encode_precision
 
     e = cfg.section("encode")
     e["device"] = _resolve_device(e["device"])
     e.pop("batch")
+    precision = encode_precision(e.pop("precision"), e["device"])
+    if precision != "fp32":
+        e["precision"] = precision
     return {**e, "grid": cfg.pool.grid, "pool": cfg.pool.kind, "rf": cfg.patches.rf,
             "norm_eps": cfg.patches.norm_eps}
 

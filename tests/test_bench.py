@@ -268,3 +268,15 @@ def test_kmfeat_data_peak_rss_does_not_grow_with_the_number_of_images(tmp_path):
     assert proc.returncode == 0, proc.stderr
     small, large = json.loads((tmp_path / "r.json").read_text())["results"]
     assert large["images"] == 100_000 and large["peak_rss"] - small["peak_rss"] <= 300e6
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=ON_DATA)])
+def test_compare_bf16_variants_are_held_to_the_bf16_tolerance(tmp_path, data, _):
+    path, _extra = data
+    proc, result = bench(tmp_path, "--compare", "--quick", "--repeats", "1", "--data", path,
+                         "--variants", "eager,eager-bf16")
+    assert proc.returncode == 0, proc.stderr
+    fp32, bf16 = result["timings"][1:]
+    assert fp32["tolerance"] == 1e-4 and bf16["tolerance"] == 2e-2
+    assert 0 < bf16["rel_diff"] <= 2e-2 and fp32["rel_diff"] <= 1e-4
+    assert f"match kmfeat eager-bf16: max|a-b|/max|b| = {bf16['rel_diff']:.2e} (<= 0.02: ok)" in proc.stdout

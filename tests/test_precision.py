@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kmfeat import precision
-from kmfeat.heads.mlp import native_bf16
+from kmfeat.precision import native_bf16
 
 
 @pytest.mark.parametrize("device", ["cuda", torch.device("cuda", 0), "cuda:1"])

@@ -16,7 +16,7 @@ from kmfeat.heads.common import (Standardizer, check_fit_data, chunk_rows, load_
                                  standardizer_from_state, standardizer_state)
 from kmfeat.memory import parse_size
 from kmfeat.memory import ram_available as available_memory  # RAM only: the budget must not count swap
-from kmfeat.precision import full_fp32, native_cuda_bf16
+from kmfeat.precision import full_fp32, native_bf16
 from kmfeat.progress import bar, say
 from kmfeat.rows import as_rows
 
@@ -52,18 +52,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     return dev
-
-
-def native_bf16(dev: torch.device) -> bool:
-    """Whether `dev` does bfloat16 matmuls in hardware (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
-    if dev.type == "cuda":
-        return native_cuda_bf16(dev)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 CHECKPOINT_FORMAT = "kmfeat.MLPHead.checkpoint/1"

@@ -71,7 +71,7 @@ class EncodeConfig:
     flip_train: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch: int = 0
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # the centroid product; bf16: see README "Precision"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # the centroid product z.c (README: encode.precision)
 
 
 @dataclass

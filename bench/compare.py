@@ -27,22 +27,31 @@ TARGET_SPEEDUP = 6.0
 """Target speed-up of the Encoder over the naive baseline (2 CPU cores, k=1600)."""
 WARMUP_IMAGES = 8
 DICTIONARY_ITERS = 2
-PEAK_ROWS = 16 * 729
-"""Rows of the roofline probe: the patches of 16 CIFAR images, about what one encoder block multiplies."""
+PEAK_CALLS = 40
+"""Products per timed roofline run (each the size of one encoder block), so a run lasts tens of ms."""
 PEAK_REPEATS = 5
 
 
+def peak_rows(k: int, device: str) -> int:
+    """Rows of one encoder block (kmfeat.encode.BLOCK_ELEMENTS positions x codes): the product the roof times."""
+    from kmfeat.encode import BLOCK_ELEMENTS
+
+    return max(1, BLOCK_ELEMENTS[device] // k)
+
+
 def matmul_peak(d: int, k: int, device: str, dtype: str) -> float:
-    """This machine's GFLOP/s for the encoder's matmul shape class, (PEAK_ROWS x d) @ (d x k), in `dtype`
-    ("fp32" or "bf16": bfloat16 inputs, float32 accumulation inside the kernel): the best of torch.mm and
-    oneDNN's prepacked linear (CPU), best of PEAK_REPEATS after a warm-up. The roof each encoder is put
-    against; bf16 is the floor a bfloat16 encoder could reach (issue 16)."""
+    """This machine's GFLOP/s for the encoder's matmul shape class, (rows x d) @ (d x k) with the rows of one
+    encoder block, in `dtype` ("fp32" or "bf16": bfloat16 inputs, float32 accumulation inside the kernel):
+    the best of torch.mm and oneDNN's prepacked linear (CPU), PEAK_CALLS products per timed run, best of
+    PEAK_REPEATS runs after a warm-up. The roof each encoder is put against; bf16 is the floor a bfloat16
+    encoder could reach (issue 16)."""
     import torch
 
     from kmfeat.linear import _onednn_available
 
+    rows = peak_rows(k, device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(PEAK_ROWS, d, generator=g).to(device)
+    x = torch.randn(rows, d, generator=g).to(device)
     w = torch.randn(k, d, generator=g).to(device)
     b = torch.zeros(k, device=device)
     if dtype == "bf16":
@@ -58,11 +67,12 @@ def matmul_peak(d: int, k: int, device: str, dtype: str) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            call()
+            for _ in range(PEAK_CALLS):
+                call()
             if device == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
-    return 2.0 * PEAK_ROWS * d * k / best / 1e9
+    return 2.0 * PEAK_CALLS * rows * d * k / best / 1e9
 
 
 @dataclass
@@ -219,7 +229,8 @@ def render_compare(result: dict, markdown: bool) -> str:
     lines = [title, "", table, ""]
     if peaks:
         lines.append(f"{'- ' if markdown else ''}roof: this machine's matmul of the same shape class "
-                     f"({PEAK_ROWS:,} x {result['d']} @ {result['d']} x {result['k']}, best of torch.mm and oneDNN) "
+                     f"({peak_rows(result['k'], result['device']):,} x {result['d']} @ {result['d']} x {result['k']}, "
+                     f"one encoder block, best of torch.mm and oneDNN) "
                      f"runs {peaks['fp32']:.0f} GFLOP/s in fp32 and {peaks['bf16']:.0f} in bf16 (bf16 inputs, "
                      f"float32 accumulation): the floor a bf16 encoder could reach")
     bullet = "- " if markdown else ""

@@ -42,7 +42,8 @@ def peak_rows(k: int, device: str) -> int:
 def matmul_peak(d: int, k: int, device: str, dtype: str) -> float:
     """This machine's GFLOP/s for the encoder's matmul shape class, (rows x d) @ (d x k) with the rows of one
     encoder block, in `dtype` ("fp32" or "bf16": bfloat16 inputs, float32 accumulation inside the kernel):
-    the best of torch.mm and oneDNN's prepacked linear (CPU), PEAK_CALLS products per timed run, best of
+    the best of torch.mm and oneDNN's prepacked linear (CPU) among those whose result agrees with float64 to
+    that precision (a library may run "fp32" through bf16), PEAK_CALLS products per timed run, best of
     PEAK_REPEATS runs after a warm-up. The roof each encoder is put against; bf16 is the floor a bfloat16
     encoder could reach (issue 16)."""
     import torch
@@ -60,6 +61,12 @@ def matmul_peak(d: int, k: int, device: str, dtype: str) -> float:
     if device == "cpu" and _onednn_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(w)
         calls.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+    from kmfeat.linear import BF16_RTOL
+
+    exact = x.double() @ w.double().t()
+    rtol = BF16_RTOL if dtype == "bf16" else 1e-5
+    scale = float((x.double().abs() @ w.double().abs().t()).max())
+    calls = [c for c in calls if float((c().double() - exact).abs().max()) <= rtol * scale]  # no silent bf16 "fp32"
     best = float("inf")
     for call in calls:
         call()

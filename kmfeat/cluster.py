@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import _fsync_file
 from .errors import KmfeatError
 from .progress import bar
 
@@ -229,6 +230,13 @@ def encode_on_cluster(cluster: Cluster, ctx, splits) -> None:
 
 
 _ENCODERS: dict = {}
+_ENTRIES: dict = {}
+
+
+def _worker_entry(entry):
+    """The first copy of a data entry this worker received: its whole-file checksum is then verified once per
+    worker, not once per shard (each task brings a fresh, unverified copy)."""
+    return _ENTRIES.setdefault((entry.stage, entry.key, str(entry.path)), entry)
 _HEAP_SET = False
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 MMAP_THRESHOLD = 32 << 20
@@ -291,14 +299,10 @@ def encode_task(job: dict) -> str:
     if job["threads"]:
         configure_threads(job["threads"])
     encoder = _worker_encoder(job)
-    images = job["data"].array(job["images"])
+    images = _worker_entry(job["data"]).array(job["images"])
     out = np.load(job["out"], mmap_mode="r+")
     encode_rows(encoder, images, out, job["start"], job["stop"], job["flip"], job["settings"], job["split"])
-    fd = os.open(job["out"], os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_file(job["out"])
     return job["split"]
 
 
@@ -327,9 +331,5 @@ def decode_task(job: dict) -> int:
     out = np.load(job["out"], mmap_mode="r+")
     out[job["start"]:job["start"] + len(rows)] = rows
     out.flush()
-    fd = os.open(job["out"], os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_file(job["out"])
     return len(rows)

@@ -94,6 +94,7 @@ class HeadConfig:
     refit: bool = False
     seed: int = 0
     hidden: int = 512
+    bottleneck: int = 0  # > 0: each pooled cell's codes share one projection to this many values (kmfeat.heads.cells)
     dropout: float = 0.5
     input_dropout: float = 0.0
     epochs: int = 40
@@ -314,6 +315,8 @@ def _check_head(h: HeadConfig) -> None:
         raise KmfeatError(f"head.lr: got {h.lr}, expected > 0 (the MLP's learning rate, e.g. 0.001)")
     if h.weight_decay < 0:
         raise KmfeatError(f"head.weight_decay: got {h.weight_decay}, expected >= 0")
+    if isinstance(h.bottleneck, bool) or not isinstance(h.bottleneck, int) or h.bottleneck < 0:
+        raise KmfeatError(f"head.bottleneck: got {h.bottleneck!r}, expected an integer >= 0 (0: the plain MLP)")
     if not 0 <= h.label_smoothing < 1:
         raise KmfeatError(f"head.label_smoothing: got {h.label_smoothing}, expected 0 <= label_smoothing < 1")
 

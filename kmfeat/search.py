@@ -344,11 +344,12 @@ def _sampler(seed: int, n_trials: int):
         return optuna.samplers.TPESampler(n_startup_trials=STARTUP, seed=state)
 
 
-def fit_and_score(h: HeadConfig, X_fit, y_fit, X_val, y_val) -> tuple[float, Any]:
-    """Validation accuracy of the head `h` fit on (X_fit, y_fit) (val given for its own early stopping)."""
+def fit_and_score(h: HeadConfig, X_fit, y_fit, X_val, y_val, cells: int = 1) -> tuple[float, Any]:
+    """Validation accuracy of the head `h` fit on (X_fit, y_fit) (val given for its own early stopping);
+    `cells`: pooled cells per feature row (kmfeat.train.feature_cells)."""
     from .train import make_head
 
-    head = make_head(h).fit(X_fit, y_fit, X_val, y_val)
+    head = make_head(h, cells=cells).fit(X_fit, y_fit, X_val, y_val)
     return float((head.predict(X_val) == y_val).mean()), head
 
 
@@ -358,6 +359,8 @@ def search_features(cfg: PipelineConfig, features: Entry, store: Store, trials: 
     until `timeout` seconds of trials passed (no trial starts after that; a run always starts one);
     then write trials.csv, search.png and best.toml. `force` discards the study first."""
     from optuna.trial import TrialState
+
+    from .train import feature_cells
 
     start = time.time()
     check_args(trials, timeout, subset, seed)
@@ -397,7 +400,8 @@ def search_features(cfg: PipelineConfig, features: Entry, store: Store, trials: 
                 sampler = "random" if complete < STARTUP else "tpe"
                 t0 = time.time()
                 try:
-                    acc, head = fit_and_score(apply_params(h, trial.params, space), X_fit, y_fit, X_val, y_val)
+                    acc, head = fit_and_score(apply_params(h, trial.params, space), X_fit, y_fit, X_val, y_val,
+                                              feature_cells(features))
                 except BaseException:
                     study.tell(trial, state=TrialState.FAIL)
                     raise

@@ -242,12 +242,14 @@ def _train_params(cfg: PipelineConfig) -> dict:
     if h["kind"] in ("mlp", "svm"):
         cuda = device.startswith("cuda") or (device == "auto" and torch_cuda_available())
         h["device"] = "cuda" if cuda else "cpu"
-    mlp_only = ["hidden", "dropout", "input_dropout", "epochs", "batch", "lr", "weight_decay",
+    if h["bottleneck"] == 0:  # the plain MLP: keyed as before
+        del h["bottleneck"]
+    mlp_only = ["hidden", "bottleneck", "dropout", "input_dropout", "epochs", "batch", "lr", "weight_decay",
                 "optimizer", "schedule", "patience", "label_smoothing", "precision"]
     unused = {"mlp": ["estimator", "params", "grid", "refit"], "svm": mlp_only + ["estimator"],
               "ridge": mlp_only + ["estimator"], "sklearn": mlp_only}[h["kind"]]
     for name in unused:
-        h.pop(name)
+        h.pop(name, None)
     return h
 
 

@@ -26,8 +26,16 @@ from .progress import say
 from .rows import MeanRows, Rows
 
 
-def make_head(h: HeadConfig, chosen: dict | None = None):
-    """The head estimator a HeadConfig describes; `chosen` fixes the grid to one point."""
+def feature_cells(features: Entry) -> int:
+    """How many pooled cells (of equal width) an encode entry's feature rows hold: sum of g*g over pool.grid."""
+    from .pooling import n_cells
+
+    return n_cells(features.params.get("grid", 1))
+
+
+def make_head(h: HeadConfig, chosen: dict | None = None, cells: int = 1):
+    """The head estimator a HeadConfig describes; `chosen` fixes the grid to one point; `cells`: pooled cells per
+    feature row (feature_cells), what the MLP's head.bottleneck projects one by one."""
     if h.kind == "sklearn":
         from .heads.sklearn import SklearnHead
 
@@ -58,7 +66,8 @@ def make_head(h: HeadConfig, chosen: dict | None = None):
     return MLPHead(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch=h.batch, lr=h.lr,
                    weight_decay=h.weight_decay, optimizer=h.optimizer, schedule=h.schedule,
                    patience=h.patience, seed=h.seed, device=h.device, input_dropout=h.input_dropout,
-                   label_smoothing=h.label_smoothing, precision=h.precision, power=h.power)
+                   label_smoothing=h.label_smoothing, precision=h.precision, power=h.power,
+                   bottleneck=h.bottleneck, cells=cells)
 
 
 def training_rows(features: Entry, idx: np.ndarray, mean: bool = False):
@@ -124,7 +133,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer, images: np.ndarray |
     tta = tta and not mean  # mean: predictions already see each image with its mirror
     X_fit, y_fit, X_val, y_val, fit_idx = split_features(features, h.val, h.seed, mean, images)
     val_idx = np.setdiff1d(np.arange(len(features.array("train_y"))) if images is None else images, fit_idx)
-    head = make_head(h)
+    head = make_head(h, cells=feature_cells(features))
     if h.kind == "mlp":  # a checkpoint per epoch in the temp folder: an interrupted train resumes from it
         out.scratch("mlp-checkpoint.pt.part")
         head.fit(X_fit, y_fit, X_val, y_val, checkpoint=out.scratch("mlp-checkpoint.pt"))
@@ -143,7 +152,7 @@ def train_head(h: HeadConfig, features: Entry, out: Writer, images: np.ndarray |
         X_fit, y_fit = training_rows(features, fit_idx, mean)
         chosen = getattr(head, "best_params_", None) or {}
         selected = head
-        head = make_head(h, chosen).fit(X_fit, y_fit)
+        head = make_head(h, chosen, feature_cells(features)).fit(X_fit, y_fit)
         for name in ("best_params_", "grid_scores_"):
             setattr(head, name, getattr(selected, name, None))
     fit_seconds = time.time() - start

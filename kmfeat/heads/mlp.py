@@ -12,6 +12,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from kmfeat.errors import KmfeatError
+from kmfeat.heads.cells import CellProjection
 from kmfeat.heads.common import (Standardizer, check_fit_data, chunk_rows, load_torch_blob, row_chunks,
                                  standardizer_from_state, standardizer_state)
 from kmfeat.memory import parse_size
@@ -106,10 +107,16 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     return 1.0
 
 
-def build_mlp(n_in: int, hidden: int, n_out: int, dropout: float, input_dropout: float) -> nn.Sequential:
-    """Dropout(input) -> Linear -> ReLU -> Dropout -> Linear (dropouts with p=0 are identities)."""
-    return nn.Sequential(nn.Dropout(input_dropout), nn.Linear(n_in, hidden), nn.ReLU(),
-                         nn.Dropout(dropout), nn.Linear(hidden, n_out))
+def build_mlp(n_in: int, hidden: int, n_out: int, dropout: float, input_dropout: float, cells: int = 1,
+              bottleneck: int = 0) -> nn.Sequential:
+    """Dropout(input) -> Linear -> ReLU -> Dropout -> Linear (dropouts with p=0 are identities); with a
+    bottleneck, the input is first cut into `cells` pooled cells whose codes share one linear projection
+    (kmfeat.heads.cells.CellProjection), and the hidden layer sees the cells' projections side by side."""
+    if bottleneck:
+        first = [CellProjection(cells, n_in // cells, bottleneck), nn.Linear(cells * bottleneck, hidden)]
+    else:
+        first = [nn.Linear(n_in, hidden)]
+    return nn.Sequential(nn.Dropout(input_dropout), *first, nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
 
 def _is_int(v) -> bool:
@@ -142,7 +149,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def __init__(self, hidden=512, dropout=0.5, epochs=40, batch=256, lr=1e-3, weight_decay=1e-4,
                  optimizer="adamw", schedule="cosine", patience=8, seed=0, device="auto", input_dropout=0.0,
-                 label_smoothing=0.0, precision="auto", power=1.0, ram_budget=None):
+                 label_smoothing=0.0, precision="auto", power=1.0, ram_budget=None, bottleneck=0, cells=1):
         self.hidden = hidden
         self.dropout = dropout
         self.epochs = epochs
@@ -159,6 +166,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.power = power
         self.ram_budget = ram_budget
+        self.bottleneck = bottleneck
+        self.cells = cells
 
     def _check_params(self) -> None:
         checks = [
@@ -177,6 +186,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             ("label_smoothing", _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
              "a number in [0, 1)"),
             ("precision", self.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+            ("bottleneck", _is_int(self.bottleneck) and self.bottleneck >= 0, "an integer >= 0 (0: none)"),
+            ("cells", _is_int(self.cells) and self.cells >= 1, "an integer >= 1"),
             ("ram_budget", self.ram_budget is None or (_is_real(self.ram_budget) and self.ram_budget >= 0),
              "a number of bytes >= 0 (or none: a quarter of the available memory)"),
         ]
@@ -218,6 +229,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(np.asarray(y))
         self.precision_ = self.precision if self.precision != "auto" else ("bf16" if native_bf16(dev) else "fp32")
         self.n_features_in_ = X.shape[1]
+        if self.bottleneck and X.shape[1] % self.cells:
+            raise KmfeatError(f"head.bottleneck: the {X.shape[1]} features do not split into {self.cells} pooled "
+                              f"cells of equal size (cells comes from pool.grid)")
 
         X = as_rows(X)  # float32 reads that drop the pages of a memmap as they go
         self.standardizer_ = Standardizer(power=self.power).fit(X)
@@ -235,7 +249,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            model = build_mlp(X.shape[1], self.hidden, len(self.classes_), self.dropout, self.input_dropout).to(dev)
+            model = build_mlp(X.shape[1], self.hidden, len(self.classes_), self.dropout, self.input_dropout,
+                              self.cells, self.bottleneck).to(dev)
             with full_fp32(dev):  # float32 parts (all of them in fp32 precision) without TF32
                 self._train(model, Xt, X, yt, Xv if has_val else None, yv if has_val else None, dev, dtype,
                             checkpoint)
@@ -428,7 +443,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         std = standardizer_from_state(blob)
         head.standardizer_, head.n_features_in_ = std, std.n_features_in_
         head.classes_ = blob["classes"].numpy()
-        head.model_ = build_mlp(head.n_features_in_, head.hidden, len(head.classes_), head.dropout, head.input_dropout)
+        head.model_ = build_mlp(head.n_features_in_, head.hidden, len(head.classes_), head.dropout, head.input_dropout,
+                                head.cells, head.bottleneck)
         head.model_.load_state_dict(blob["state_dict"])
         head.model_.eval()
         head.history_, head.best_epoch_, head.n_epochs_run_ = blob["history"], blob["best_epoch"], blob["n_epochs_run"]

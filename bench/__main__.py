@@ -1,5 +1,5 @@
-"""`python -m bench`: the stage table (default), `--compare` (Encoder vs naive numpy) or `--memory`
-(peak RSS of encode vs N). See bench/__init__.py; `--help` lists the options."""
+"""`python -m bench`: the stage table (default), `--compare` (Encoder vs naive numpy), `--kmeans` (k-means
+backends and precisions) or `--memory` (peak RSS of encode vs N). See bench/__init__.py; `--help` lists the options."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,16 @@ def _variants(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names or any(v not in VARIANTS for v in names):
         raise KmfeatError(f"--variants: got {text!r}, expected a comma-separated list of {', '.join(VARIANTS)}")
+    return names
+
+
+def _kmeans_variants(text: str) -> list[str]:
+    from .kmeans_compare import KMEANS_VARIANTS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(v not in KMEANS_VARIANTS for v in names):
+        raise KmfeatError(f"--kmeans-variants: got {text!r}, expected a comma-separated list of "
+                          f"{', '.join(KMEANS_VARIANTS)}")
     return names
 
 
@@ -128,6 +138,18 @@ def _compare_mode(s: Settings, info: dict, images: int | None, k: int | None, re
     return 0 if matches(result) else 1
 
 
+def _kmeans_mode(s: Settings, info: dict, images: int | None, k: int | None, repeats: int, variants: list[str],
+                 markdown: bool, out: str | None) -> None:
+    from .kmeans_compare import render_kmeans_compare, run_kmeans_compare
+
+    cfg = s.config(s.overrides(with_limits=False))
+    images = images or (QUICK_COMPARE_IMAGES if s.quick else 50_000)
+    result = run_kmeans_compare(cfg, images, k or cfg.kmeans.k, repeats, variants)
+    click.echo(_heading(info, "k-means backends and precisions", markdown))
+    click.echo(render_kmeans_compare(result, markdown))
+    _write_json(out, {"mode": "kmeans", "machine": info, **result})
+
+
 def _memory_mode(s: Settings, info: dict, memory: bool, memory_k: int | None, markdown: bool, out: str | None) -> None:
     from .memory import MemoryRun, measure_encode, render_memory
 
@@ -174,8 +196,14 @@ def _memory_mode(s: Settings, info: dict, memory: bool, memory_k: int | None, ma
 @click.option("--compare", is_flag=True,
               help="Time the Encoder against the naive numpy encoder, in one process; exit status 1 when "
                    "their outputs differ by more than 1e-4 relative.")
-@click.option("--images", type=int, help="--compare: number of train images (default 2000; 100 with --quick).")
-@click.option("--k", type=int, help="--compare: number of centroids (default the pipeline's; 64 with --quick).")
+@click.option("--kmeans", "kmeans_mode", is_flag=True,
+              help="Time k-means (faiss-cpu, torch fp32, torch bf16) on the same whitened patches, in one process.")
+@click.option("--kmeans-variants", default="faiss,torch,torch-bf16", show_default=True,
+              help="--kmeans: variants; the first is the one the others are compared with.")
+@click.option("--images", type=int, help="--compare: number of train images (default 2000; 100 with --quick); "
+                                         "--kmeans: images the patches come from (default 50,000).")
+@click.option("--k", type=int, help="--compare, --kmeans: number of centroids (default the pipeline's; 64 with "
+                                    "--quick).")
 @click.option("--variants", default="compiled,eager", show_default=True,
               help="--compare: Encoder variants (KMFEAT_COMPILE=1 / 0; -bf16: encode.precision = bf16).")
 @click.option("--memory", is_flag=True, help="Peak RSS of `kmfeat encode` on 10,000 images and on the full copy.")
@@ -185,20 +213,23 @@ def _memory_mode(s: Settings, info: dict, memory: bool, memory_k: int | None, ma
 @click.option("--out", metavar="FILE", help="Also write the results as JSON.")
 @click.option("--work-dir", metavar="DIR", help="Where the temporary caches go (default: the system temp dir).")
 def main(data, pipeline, overrides, limit_train, limit_test, stages, repeats, repeats_long, long_seconds, compare,
-         images, k, variants, memory, memory_k, quick, markdown, out, work_dir) -> None:
-    """Benchmark kmfeat: per-stage time and peak RSS (default), --compare, or --memory / --memory-k."""
+         kmeans_mode, kmeans_variants, images, k, variants, memory, memory_k, quick, markdown, out, work_dir) -> None:
+    """Benchmark kmfeat: per-stage time and peak RSS (default), --compare, --kmeans, or --memory / --memory-k."""
     from .machine import machine_info
 
     for name, value in [("--repeats", repeats), ("--repeats-long", repeats_long), ("--images", images), ("--k", k),
                         ("--memory-k", memory_k)]:
         _positive(name, value)
-    if compare and (memory or memory_k):
-        raise KmfeatError("--compare and --memory/--memory-k: choose one mode per run")
-    stage_list, variant_list = _stages(stages), _variants(variants)
+    if sum([compare, kmeans_mode, bool(memory or memory_k)]) > 1:
+        raise KmfeatError("--compare, --kmeans and --memory/--memory-k: choose one mode per run")
+    stage_list, variant_list, kmeans_list = _stages(stages), _variants(variants), _kmeans_variants(kmeans_variants)
     s = Settings(data, pipeline, overrides, limit_train, limit_test, quick, work_dir)
     info = machine_info(sys.argv[1:])
     if compare:
         sys.exit(_compare_mode(s, info, images, k, repeats, variant_list, markdown, out))
+    if kmeans_mode:
+        _kmeans_mode(s, info, images, k, repeats, kmeans_list, markdown, out)
+        return
     if memory or memory_k:
         _memory_mode(s, info, memory, memory_k, markdown, out)
     else:

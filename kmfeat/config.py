@@ -55,6 +55,7 @@ class KMeansConfig:
     backend: Literal["auto", "faiss", "torch"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init: Literal["random", "k-means++"] = "random"
+    precision: Literal["fp32", "bf16", "auto"] = "auto"  # the assignment's products x.c (README: kmeans.precision)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class EncodeConfig:
     flip_train: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch: int = 0
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # the centroid product z.c (README: encode.precision)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"  # the centroid product z.c (README: encode.precision)
 
 
 @dataclass

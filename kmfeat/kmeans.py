@@ -3,7 +3,8 @@
 Both start from the same k distinct data points drawn with numpy from the seed (uniformly, or
 D^2-weighted k-means++ on a subsample), run `iters` Lloyd iterations (assign, then mean update;
 empty clusters re-seeded by splitting the largest), and report counts_ / inertia_ from one final
-assignment measured the same way.
+assignment measured the same way. precision="bf16" (torch backend) rounds the assignment's products x.c to
+bfloat16 (float32 accumulation, float32 ||c||^2 and argmin); the centroid update stays float32.
 """
 import warnings
 
@@ -15,7 +16,8 @@ from threadpoolctl import threadpool_limits
 
 from .determinism import deterministic_sums
 from .errors import KmfeatError
-from .precision import full_fp32
+from .linear import Linear, ProductBF16
+from .precision import PRECISIONS, bf16_ok, full_fp32
 from .progress import bar
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -72,6 +74,23 @@ def resolve_backend(backend: str = "auto", device: str = "auto") -> tuple[str, s
     raise KmfeatError("kmeans.device: \"cuda\" but no CUDA GPU is available; set kmeans.device = \"cpu\" or \"auto\"")
 
 
+def resolve(backend: str = "auto", device: str = "auto", precision: str = "fp32") -> tuple[str, str, str]:
+    """The (backend, device, precision) that will run. bf16 runs on the torch backend only; auto picks it on a
+    CPU whose bfloat16 products are native and pass the probe (kmfeat.precision.bf16_ok), where it measured
+    faster than faiss-cpu at the same inertia (BENCHMARKS.md), and fp32 everywhere else."""
+    if precision not in PRECISIONS:
+        raise KmfeatError(f"kmeans.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    name, dev = resolve_backend(backend, device)
+    if precision == "bf16" and backend == "faiss":
+        raise KmfeatError("kmeans.precision: \"bf16\" runs on the torch backend; set kmeans.backend = \"torch\" "
+                          "or \"auto\", or kmeans.precision = \"fp32\"")
+    if precision == "bf16":
+        return (*resolve_backend("torch", device), "bf16")
+    if precision == "auto" and backend in ("auto", "torch") and dev == "cpu" and bf16_ok("cpu"):
+        return "torch", "cpu", "bf16"
+    return name, dev, "fp32"
+
+
 def _kmeanspp(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (D^2 sampling) over a uniform subsample of X; returns k rows (distinct indices).
 
@@ -124,24 +143,38 @@ def _to_torch(X: np.ndarray, device: str) -> torch.Tensor:
 
 
 def _chunk_rows(device: str, k: int) -> int:
-    """Rows per distance block: ~16 MB of float32 on CPU (stays in cache), ~1 GB on CUDA."""
-    budget = (1 << 28) if device == "cuda" else (1 << 22)
+    """Rows per distance block: ~4 MB of float32 on CPU (stays in cache: argmin over it runs at twice the speed
+    of a 16 MB block), ~1 GB on CUDA."""
+    budget = (1 << 28) if device == "cuda" else (1 << 20)
     return max(256, budget // max(k, 1))
 
 
 @torch.no_grad()
-def _assign_torch(X: torch.Tensor, C: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Nearest centroid per row of X (int64), via argmin of ||c||^2 - 2 x.c, in row chunks."""
+def _assign_torch(X: torch.Tensor, C: torch.Tensor, chunk: int, precision: str = "fp32") -> torch.Tensor:
+    """Nearest centroid per row of X (int64), via argmin of ||c||^2 - 2 x.c, in row chunks. On CPU the product
+    goes through kmfeat.linear (oneDNN where it is exact to float32); in bf16 X may already be bfloat16."""
     c_sq = (C * C).sum(dim=1)
-    Ct = C.T
     labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
-    dist = None
+    if precision == "bf16":
+        product = ProductBF16(-2.0 * C)
+        if not product.ok:
+            raise KmfeatError(f"kmeans.precision = bf16: on {C.device} a bfloat16 product disagrees with float64; "
+                              f"use kmeans.precision = \"fp32\"")
+        def distances(x):
+            return product(x).float().add_(c_sq)
+    elif C.device.type == "cpu":
+        distances = Linear(-2.0 * C, c_sq)
+    else:
+        Ct = C.T
+        def distances(x):
+            return torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0)
+    if X.device.type == "cpu":  # numpy's row argmin runs ~7x faster than torch's on these shapes
+        out = labels.numpy()
+        for s in range(0, X.shape[0], chunk):
+            np.argmin(distances(X[s:s + chunk]).numpy(), axis=1, out=out[s:s + chunk])
+        return labels
     for s in range(0, X.shape[0], chunk):
-        x = X[s:s + chunk]
-        if dist is None or dist.shape[0] != x.shape[0]:
-            dist = torch.empty((x.shape[0], C.shape[0]), dtype=X.dtype, device=X.device)
-        torch.addmm(c_sq, x, Ct, beta=1.0, alpha=-2.0, out=dist)
-        torch.argmin(dist, dim=1, out=labels[s:s + chunk])
+        torch.argmin(distances(X[s:s + chunk]), dim=1, out=labels[s:s + chunk])
     return labels
 
 
@@ -167,16 +200,18 @@ def _split_empty(C: torch.Tensor, counts: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def _lloyd_torch(X: np.ndarray, init: np.ndarray, iters: int, device: str):
-    """Lloyd iterations in float32 on device; returns (centroids, n_iter)."""
+def _lloyd_torch(X: np.ndarray, init: np.ndarray, iters: int, device: str, precision: str = "fp32"):
+    """Lloyd iterations on device, float32 updates (bf16: assignment products in bfloat16, X rounded once);
+    returns (centroids, n_iter)."""
     Xt = _to_torch(X, device)
+    Xa = Xt.to(torch.bfloat16) if precision == "bf16" else Xt
     C = torch.from_numpy(init).to(device).clone()
     k, chunk = C.shape[0], _chunk_rows(device, init.shape[0])
     prev = None
     n_iter = 0
-    for _ in bar(range(iters), desc=f"k-means torch/{device}", unit="iter"):
+    for _ in bar(range(iters), desc=f"k-means torch/{device} {precision}", unit="iter"):
         with full_fp32(device):  # TF32 distances would move points between near-equidistant centroids
-            labels = _assign_torch(Xt, C, chunk)
+            labels = _assign_torch(Xa, C, chunk, precision)
         n_iter += 1
         counts = torch.bincount(labels, minlength=k)
         with deterministic_sums(C):  # seeded k-means gives the same centroids on CUDA too
@@ -221,19 +256,21 @@ def _inertia(X: np.ndarray, C: np.ndarray, labels: np.ndarray) -> float:
 
 
 class KMeans(BaseEstimator):
-    """k-means on patch vectors with a faiss or torch backend (see resolve_backend)."""
+    """k-means on patch vectors with a faiss or torch backend and the assignment's product precision (see
+    resolve)."""
 
     def __init__(self, k: int = 1600, iters: int = 25, seed: int = 0, backend: str = "auto", device: str = "auto",
-                 init: str = "random"):
+                 init: str = "random", precision: str = "fp32"):
         self.k = k
         self.iters = iters
         self.seed = seed
         self.backend = backend
         self.device = device
         self.init = init
+        self.precision = precision
 
     def fit(self, X, y=None):
-        """Cluster X (n, d); learns centroids_, counts_, inertia_, backend_, device_, n_iter_.
+        """Cluster X (n, d); learns centroids_, counts_, inertia_, backend_, device_, precision_, n_iter_.
 
         n_iter_ can be below iters when the assignment stops changing (faiss: the objective).
         """
@@ -243,7 +280,7 @@ class KMeans(BaseEstimator):
             raise KmfeatError(f"kmeans.iters: must be at least 1, got {self.iters}")
         if self.init not in INITS:
             raise KmfeatError(f"kmeans.init: expected one of {', '.join(INITS)}, got {self.init!r}")
-        backend, device = resolve_backend(self.backend, self.device)
+        backend, device, precision = resolve(self.backend, self.device, self.precision)
         X = _as_float32(X)
         k, n = int(self.k), X.shape[0]
         if k > n:
@@ -254,9 +291,9 @@ class KMeans(BaseEstimator):
         if backend == "faiss":
             C, self.n_iter_ = _lloyd_faiss(X, init, int(self.iters), int(self.seed), device == "cuda")
         else:
-            C, self.n_iter_ = _lloyd_torch(X, init, int(self.iters), device)
+            C, self.n_iter_ = _lloyd_torch(X, init, int(self.iters), device, precision)
         self.centroids_ = C
-        self.backend_, self.device_ = backend, device
+        self.backend_, self.device_, self.precision_ = backend, device, precision
         self.n_features_in_ = X.shape[1]
         labels = self.predict(X)
         self.counts_ = np.bincount(labels, minlength=k).astype(np.int64)

@@ -65,21 +65,25 @@ PRECISIONS = ("fp32", "bf16", "auto")
 _resolved: dict = {}
 
 
+def bf16_ok(device: str) -> bool:
+    """Whether `device` (a resolved "cpu" / "cuda[:N]") multiplies bfloat16 natively and a probe product agrees
+    with float64 within kmfeat.linear.BF16_RTOL; cached per device, so cache keys and the stages agree."""
+    if device not in _resolved:
+        from .linear import ProductBF16
+
+        dev = torch.device(device)
+        probe = torch.randn(64, 108, generator=torch.Generator().manual_seed(1)).to(dev)
+        _resolved[device] = native_bf16(dev) and ProductBF16(probe).ok
+    return _resolved[device]
+
+
 def encode_precision(requested: str, device: str) -> str:
     """The encoder's matmul precision for `requested` on `device` (a resolved "cpu" / "cuda[:N]"): auto is
-    bf16 only where the hardware multiplies bfloat16 natively and a probe product agrees with float64 within
-    kmfeat.linear.BF16_RTOL, else fp32. Cached per (requested, device): cache keys and the encoder agree."""
+    bf16 where bf16_ok(device), else fp32."""
     from .errors import KmfeatError
 
     if requested not in PRECISIONS:
         raise KmfeatError(f"encode.precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
         return requested
-    if (requested, device) not in _resolved:
-        from .linear import ProductBF16
-
-        dev = torch.device(device)
-        probe = torch.randn(64, 108, generator=torch.Generator().manual_seed(1)).to(dev)
-        _resolved[requested, device] = "bf16" if native_bf16(dev) and ProductBF16(probe).ok else "fp32"
-    return _resolved[requested, device]
-
+    return "bf16" if bf16_ok(device) else "fp32"

@@ -187,10 +187,12 @@ def load_whitener(entry: Entry):
 def _kmeans_params(cfg: PipelineConfig) -> dict:
     """The k-means settings with the backend and device that will run (their results differ in the last
     bits): a cached dictionary is reused only where it would be computed the same way."""
-    from .kmeans import resolve_backend
+    from .kmeans import resolve
 
     p = cfg.section("kmeans")
-    p["backend"], p["device"] = resolve_backend(p["backend"], p["device"])
+    p["backend"], p["device"], precision = resolve(p["backend"], p["device"], p.pop("precision"))
+    if precision != "fp32":
+        p["precision"] = precision
     return p
 
 
@@ -202,17 +204,18 @@ def _compute_kmeans(ctx: Context) -> str:
     whitener = load_whitener(ctx.inputs["whiten"])
     z = whitener.transform(ctx.inputs["patches"].array("patches"))
     km = KMeans(k=k.k, iters=k.iters, seed=k.seed, backend=k.backend, device=k.device,
-                init=k.init).fit(z)
+                init=k.init, precision=k.precision).fit(z)
     if not np.isfinite(km.centroids_).all():
         raise KmfeatError("kmeans: the centroids contain NaN or inf; check whiten.eps and the input images")
     ctx.out.save("centroids", km.centroids_)
     ctx.out.save("counts", km.counts_)
-    ctx.out.meta.update(inertia=float(km.inertia_), backend=km.backend_, device=km.device_,
+    ctx.out.meta.update(inertia=float(km.inertia_), backend=km.backend_, device=km.device_, precision=km.precision_,
                         empty_clusters=int((km.counts_ == 0).sum()))
     rf = ctx.cfg.patches.rf
     plot_centroids(whitener.inverse_transform(km.centroids_), rf, km.centroids_.shape[1] // rf**2,
                    ctx.out.path("centroids.png"))
-    return f"k={k.k} on {z.shape[0]:,} patches with {km.backend_}/{km.device_}, inertia {km.inertia_:.4g}"
+    return (f"k={k.k} on {z.shape[0]:,} patches with {km.backend_}/{km.device_} {km.precision_}, "
+            f"inertia {km.inertia_:.4g}")
 
 
 def _encode_params(cfg: PipelineConfig) -> dict:

@@ -142,7 +142,9 @@ def test_relative_diff_matches_a_float64_reference():
     (["--stages", "data,bogus"], "Error: --stages"),
     (["--variants", "fast"], "Error: --variants"),
     (["--repeats", "0"], "Error: --repeats: got 0"),
-    (["--compare", "--memory"], "Error: --compare and --memory"),
+    (["--compare", "--memory"], "Error: --compare, --kmeans and --memory"),
+    (["--kmeans", "--compare"], "Error: --compare, --kmeans and --memory"),
+    (["--kmeans", "--kmeans-variants", "faiss,sklearn"], "Error: --kmeans-variants"),
     (["--data", "/nonexistent/cifar.tar.gz"], "Error: --data: /nonexistent/cifar.tar.gz not found"),
 ])
 def test_user_mistakes_end_in_one_error_line(tmp_path, args, message):
@@ -210,6 +212,25 @@ def test_compare_prints_speedup_and_a_match_within_tolerance(tmp_path, data, _):
     assert peaks["fp32"] > 0 and peaks["bf16"] > 0 and "roof: this machine's matmul" in proc.stdout
     compiled = result["timings"][1]
     assert f"{compiled['gflops'] / peaks['fp32']:.0%}" in table_row(proc.stdout, compiled["name"])
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=ON_DATA)])
+def test_kmeans_compare_times_each_variant_on_the_same_patches(tmp_path, data, _):
+    path, _extra = data
+    proc, result = bench(tmp_path, "--kmeans", "--quick", "--repeats", "2", "--data", path,
+                         "--kmeans-variants", "torch,torch-bf16", "-o", "patches.n=3000")
+    assert proc.returncode == 0, proc.stderr
+    assert result["mode"] == "kmeans" and result["k"] == 64 and result["patches"] == 3000 and result["d"] == 108
+    fp32, bf16 = result["variants"]
+    assert (fp32["name"], fp32["precision"], bf16["name"], bf16["precision"]) == ("torch", "fp32", "torch-bf16", "bf16")
+    for v in (fp32, bf16):
+        assert len(v["runs"]) == 2 and v["median"] == pytest.approx(sorted(v["runs"])[0] / 2 + sorted(v["runs"])[1] / 2)
+        assert v["iters"] == 3 and v["inertia"] > 0
+        assert v["speedup"] == pytest.approx(fp32["median"] / v["median"])
+    assert bf16["inertia_rel"] == pytest.approx((bf16["inertia"] - fp32["inertia"]) / fp32["inertia"])
+    assert abs(bf16["inertia_rel"]) < 0.005 and fp32["inertia_rel"] == 0
+    assert f"torch-bf16 against torch: {bf16['speedup']:.2f}x, inertia {bf16['inertia_rel']:+.3%} (within 0.5%)" \
+        in proc.stdout
 
 
 def test_matmul_peak_is_the_flops_of_its_shape_over_the_best_time(monkeypatch):

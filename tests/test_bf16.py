@@ -72,7 +72,7 @@ def test_auto_picks_bf16_on_native_hardware_with_a_good_probe(monkeypatch):
 
 def test_the_cache_key_follows_the_precision_used(tmp_path, monkeypatch):
     def key(*overrides):
-        return Runner(config.load(None, list(overrides)), Store(tmp_path)).key("encode")
+        return Runner(config.load(None, ['kmeans.precision="fp32"', *overrides]), Store(tmp_path)).key("encode")
 
     monkeypatch.setattr(precision, "_resolved", {})
     monkeypatch.setattr(precision, "native_bf16", lambda dev: False)

@@ -197,7 +197,8 @@ def test_keys_name_the_device_that_runs_consistently(monkeypatch, tmp_path):
 
     def keys(cuda, *overrides):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        runner = Runner(config.load(None, ["data.source=\"imagefolder\"", *overrides], str(tmp_path)),
+        runner = Runner(config.load(None, ["data.source=\"imagefolder\"", "encode.precision=\"fp32\"",
+                                               "kmeans.precision=\"fp32\"", *overrides], str(tmp_path)),
                                Store(tmp_path / "cache"))
         return {name: runner.key(name) for name in ("patches", "kmeans", "encode", "train")}
 

@@ -261,7 +261,8 @@ def test_extras_install_one_faiss_build():
 
 def test_sklearn_conventions():
     km = KMeans(k=3, iters=2, seed=1, backend="torch", device="cpu")
-    assert km.get_params() == {"k": 3, "iters": 2, "seed": 1, "backend": "torch", "device": "cpu", "init": "random"}
+    assert km.get_params() == {"k": 3, "iters": 2, "seed": 1, "backend": "torch", "device": "cpu", "init": "random",
+                              "precision": "fp32"}
     X = np.random.default_rng(0).normal(size=(30, 2))
     assert km.fit(X) is km
     assert km.get_params()["backend"] == "torch"

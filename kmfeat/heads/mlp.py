@@ -129,6 +129,8 @@ def _is_real(v) -> bool:
 
 class MLPHead(ClassifierMixin, BaseEstimator):
     """Standardize -> Linear -> ReLU -> Dropout(p) -> Linear, in torch, with early stopping on a validation set.
+    With bottleneck > 0 the first Linear is preceded by one projection of each of the `cells` pooled cells' codes
+    to `bottleneck` values, shared by the cells (kmfeat.heads.cells.CellProjection: a head that sees space).
 
     Epochs are numbered from 1 in `history_` and `best_epoch_`. precision="bf16" trains under bfloat16 autocast
     (weights and optimizer state stay float32, the standardized training matrix is held in bfloat16); "auto" picks

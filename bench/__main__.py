@@ -125,16 +125,25 @@ def _stage_mode(s: Settings, info: dict, stages: list[str], repeats: int, repeat
                       "total_images": bench.total_images, "stages": [r.to_dict() for r in results]})
 
 
+def _in_process(s: Settings, info: dict, mode: str, title: str, run, render, images: int | None,
+                default_images: int, k: int | None, repeats: int, variants: list[str], markdown: bool,
+                out: str | None) -> dict:
+    """A one-process comparison (--compare, --kmeans): run(cfg, images, k, repeats, variants), print, save."""
+    cfg = s.config(s.overrides(with_limits=False))
+    images = images or (QUICK_COMPARE_IMAGES if s.quick else default_images)
+    result = run(cfg, images, k or cfg.kmeans.k, repeats, variants)
+    click.echo(_heading(info, title, markdown))
+    click.echo(render(result, markdown))
+    _write_json(out, {"mode": mode, "machine": info, **result})
+    return result
+
+
 def _compare_mode(s: Settings, info: dict, images: int | None, k: int | None, repeats: int, variants: list[str],
                   markdown: bool, out: str | None) -> int:
     from .compare import matches, render_compare, run_compare
 
-    cfg = s.config(s.overrides(with_limits=False))
-    images = images or (QUICK_COMPARE_IMAGES if s.quick else 2000)
-    result = run_compare(cfg, images, k or cfg.kmeans.k, repeats, variants)
-    click.echo(_heading(info, "Encoder vs naive numpy", markdown))
-    click.echo(render_compare(result, markdown))
-    _write_json(out, {"mode": "compare", "machine": info, **result})
+    result = _in_process(s, info, "compare", "Encoder vs naive numpy", run_compare, render_compare, images, 2000,
+                         k, repeats, variants, markdown, out)
     return 0 if matches(result) else 1
 
 
@@ -142,12 +151,8 @@ def _kmeans_mode(s: Settings, info: dict, images: int | None, k: int | None, rep
                  markdown: bool, out: str | None) -> None:
     from .kmeans_compare import render_kmeans_compare, run_kmeans_compare
 
-    cfg = s.config(s.overrides(with_limits=False))
-    images = images or (QUICK_COMPARE_IMAGES if s.quick else 50_000)
-    result = run_kmeans_compare(cfg, images, k or cfg.kmeans.k, repeats, variants)
-    click.echo(_heading(info, "k-means backends and precisions", markdown))
-    click.echo(render_kmeans_compare(result, markdown))
-    _write_json(out, {"mode": "kmeans", "machine": info, **result})
+    _in_process(s, info, "kmeans", "k-means backends and precisions", run_kmeans_compare, render_kmeans_compare,
+                images, 50_000, k, repeats, variants, markdown, out)
 
 
 def _memory_mode(s: Settings, info: dict, memory: bool, memory_k: int | None, markdown: bool, out: str | None) -> None:

@@ -22,8 +22,9 @@ class CoatesFeaturizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     images are uint8 arrays (N, H, W, C); the output is float32 (N, cells * codes): cells = g*g summed over
     the pyramid levels of `grid`, codes = k (2k with `split`). A fitted featurizer pickles (joblib.dump) and
     loads on any machine, a GPU-fitted one on a CPU-only one too, and transforms as before. precision and
-    kmeans_precision are encode.precision and kmeans.precision, "auto" by default as in the pipelines (bf16
-    products where the hardware does them natively); "fp32" for float32 products everywhere.
+    kmeans_precision are encode.precision and kmeans.precision, "auto" by default as in the config (bf16
+    products where the hardware does them natively); "fp32" for float32 products everywhere (what
+    pipelines/cifar10.toml pins).
     """
 
     def __init__(self, rf=6, n_patches=400_000, norm_eps=10.0, whiten="zca", whiten_eps=0.1,

@@ -185,8 +185,9 @@ def load_whitener(entry: Entry):
 
 
 def _kmeans_params(cfg: PipelineConfig) -> dict:
-    """The k-means settings with the backend and device that will run (their results differ in the last
-    bits): a cached dictionary is reused only where it would be computed the same way."""
+    """The k-means settings with the backend, device and precision that will run (their results differ in the
+    last bits): a cached dictionary is reused only where it would be computed the same way. fp32 is left out
+    of the key, so dictionaries cached before kmeans.precision existed keep theirs."""
     from .kmeans import resolve
 
     p = cfg.section("kmeans")

@@ -22,32 +22,11 @@ MEMORY_SMALL = (8000, 2000)
 QUICK_MEMORY_SMALL = (500, 100)
 
 
-def _stages(text: str) -> list[str]:
-    from kmfeat.stages import ORDER
-
+def _names(option: str, text: str, allowed) -> list[str]:
+    """The comma-separated names of `text`, each one of `allowed`, else a one-line error naming `option`."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in ORDER]
-    if unknown or not names:
-        raise KmfeatError(f"--stages: got {text!r}, expected a comma-separated list of {', '.join(ORDER)}")
-    return names
-
-
-def _variants(text: str) -> list[str]:
-    from .compare import VARIANTS
-
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names or any(v not in VARIANTS for v in names):
-        raise KmfeatError(f"--variants: got {text!r}, expected a comma-separated list of {', '.join(VARIANTS)}")
-    return names
-
-
-def _kmeans_variants(text: str) -> list[str]:
-    from .kmeans_compare import KMEANS_VARIANTS
-
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names or any(v not in KMEANS_VARIANTS for v in names):
-        raise KmfeatError(f"--kmeans-variants: got {text!r}, expected a comma-separated list of "
-                          f"{', '.join(KMEANS_VARIANTS)}")
+    if not names or any(v not in allowed for v in names):
+        raise KmfeatError(f"{option}: got {text!r}, expected a comma-separated list of {', '.join(allowed)}")
     return names
 
 
@@ -227,7 +206,13 @@ def main(data, pipeline, overrides, limit_train, limit_test, stages, repeats, re
         _positive(name, value)
     if sum([compare, kmeans_mode, bool(memory or memory_k)]) > 1:
         raise KmfeatError("--compare, --kmeans and --memory/--memory-k: choose one mode per run")
-    stage_list, variant_list, kmeans_list = _stages(stages), _variants(variants), _kmeans_variants(kmeans_variants)
+    from kmfeat.stages import ORDER
+
+    from .compare import VARIANTS
+    from .kmeans_compare import KMEANS_VARIANTS
+
+    stage_list, variant_list = _names("--stages", stages, ORDER), _names("--variants", variants, VARIANTS)
+    kmeans_list = _names("--kmeans-variants", kmeans_variants, KMEANS_VARIANTS)
     s = Settings(data, pipeline, overrides, limit_train, limit_test, quick, work_dir)
     info = machine_info(sys.argv[1:])
     if compare:

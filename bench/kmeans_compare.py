@@ -35,7 +35,7 @@ def whitened_patches(cfg: PipelineConfig, n_images: int) -> np.ndarray:
 
 def run_kmeans_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, variants: list[str]) -> dict:
     """Fit KMeans with each variant `repeats` times on the same patches; a JSON-able result."""
-    from kmfeat.kmeans import KMeans, resolve
+    from kmfeat.kmeans import KMeans
     from kmfeat.threads import configure_threads
 
     threads = configure_threads()
@@ -44,7 +44,6 @@ def run_kmeans_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int,
     rows = []
     for name in variants:
         backend, precision = KMEANS_VARIANTS[name]
-        backend_, device_, precision_ = resolve(backend, "cpu", precision)
         runs, km = [], None
         for r in range(repeats):
             start = time.perf_counter()
@@ -52,7 +51,7 @@ def run_kmeans_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int,
                         init=cfg.kmeans.init, precision=precision).fit(X)
             runs.append(time.perf_counter() - start)
             say(f"bench: k-means {name} run {r + 1}/{repeats}: {runs[-1]:.2f} s, inertia {km.inertia_:.6g}")
-        rows.append({"name": name, "backend": backend_, "precision": precision_, "runs": runs,
+        rows.append({"name": name, "backend": km.backend_, "precision": km.precision_, "runs": runs,
                      "median": statistics.median(runs), "iters": km.n_iter_, "inertia": km.inertia_})
     base = rows[0]
     for row in rows:

@@ -80,12 +80,12 @@ def resolve(backend: str = "auto", device: str = "auto", precision: str = "fp32"
     faster than faiss-cpu at the same inertia (BENCHMARKS.md), and fp32 everywhere else."""
     if precision not in PRECISIONS:
         raise KmfeatError(f"kmeans.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    name, dev = resolve_backend(backend, device)
     if precision == "bf16" and backend == "faiss":
         raise KmfeatError("kmeans.precision: \"bf16\" runs on the torch backend; set kmeans.backend = \"torch\" "
                           "or \"auto\", or kmeans.precision = \"fp32\"")
     if precision == "bf16":
         return (*resolve_backend("torch", device), "bf16")
+    name, dev = resolve_backend(backend, device)
     if precision == "auto" and backend in ("auto", "torch") and dev == "cpu" and bf16_ok("cpu"):
         return "torch", "cpu", "bf16"
     return name, dev, "fp32"

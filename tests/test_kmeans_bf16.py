@@ -9,6 +9,7 @@ from kmfeat.errors import KmfeatError
 from kmfeat.kmeans import KMeans, resolve
 from kmfeat.linear import BF16_RTOL, ProductBF16
 from kmfeat.runner import Runner
+from helpers import make_image_folder
 from test_kmeans import HAVE_FAISS, _check_fitted, _reference_assign, blobs, patches, quiet  # noqa: F401
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -122,16 +123,8 @@ def test_the_kmeans_cache_key_follows_the_precision_used(tmp_path, bf16_here):
 
 
 def test_the_stage_records_the_precision(tmp_path, bf16_here):
-    from PIL import Image
-
     bf16_here(True)
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in ("a", "b"):
-            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
-                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    make_image_folder(tmp_path / "imgs", classes=("a", "b"), n_train=4, n_test=4, size=(12, 12))
     cfg = config.load(None, ["patches.n=2000", "patches.rf=4", "kmeans.k=16", "kmeans.iters=3",
                              "kmeans.precision=\"auto\""], data=str(tmp_path / "imgs"))
     entry = Runner(cfg, Store(tmp_path / "cache"), quiet=True).run("kmeans")

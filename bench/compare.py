@@ -143,7 +143,7 @@ def relative_diff(a: np.ndarray, b: np.ndarray) -> float:
 def _encoder_settings(cfg: PipelineConfig) -> dict:
     e = cfg.encode
     return dict(rf=cfg.patches.rf, stride=e.stride, kind=e.kind, alpha=e.alpha, grid=cfg.pool.grid,
-                norm_eps=cfg.patches.norm_eps)
+                norm_eps=cfg.patches.norm_eps, split=e.split)
 
 
 def time_encoder(images, dictionary, cfg: PipelineConfig, variant: str, repeats: int):
@@ -206,7 +206,8 @@ def run_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, varian
     say("bench: the matmul roof of this shape class (fp32, bf16) ...")
     peaks = {p: matmul_peak(d, k, device, p) for p in ("fp32", "bf16")}
     return {
-        "images": N, "image_shape": [H, W, C], "k": k, "d": d, "positions": positions, "kind": cfg.encode.kind,
+        "images": N, "image_shape": [H, W, C], "k": k, "d": d, "positions": positions,
+        "kind": cfg.encode.kind + (" split" if cfg.encode.split else ""),
         "flop": flop, "threads": threads, "device": device, "tolerance": TOLERANCE, "peak_gflops": peaks,
         "timings": [{"name": t.name, "runs": t.runs, "median": t.median, "warmup": t.warmup,
                      "images_per_s": N / t.median, "gflops": flop / t.median / 1e9,

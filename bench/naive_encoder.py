@@ -13,12 +13,13 @@ def _bounds(n: int, grid: int) -> list[int]:
 
 
 def naive_numpy_encode(images, centroids, mean, W, rf=6, stride=1, kind="triangle", grid=2,
-                       norm_eps=10.0, batch=50, alpha=0.5):
-    """Pooled features (N, grid*grid*k) float32 of uint8 images (N, H, W, C)."""
+                       norm_eps=10.0, batch=50, alpha=0.5, split=False):
+    """Pooled features (N, grid*grid*K) float32 of uint8 images (N, H, W, C); K = 2k for split soft codes
+    (max(0, c.z - alpha), then max(0, -c.z - alpha))."""
     images = np.asarray(images)
     N, H, Wd, C = images.shape
     centroids = np.asarray(centroids, dtype=np.float32)
-    k = centroids.shape[0]
+    k = centroids.shape[0] * (2 if split else 1)
     mean = np.asarray(mean, dtype=np.float32)
     Wt = np.asarray(W, dtype=np.float32).T
     if kind == "soft":
@@ -43,6 +44,8 @@ def naive_numpy_encode(images, centroids, mean, W, rf=6, stride=1, kind="triangl
             f[np.arange(len(dots)), np.argmin(c2 - 2 * dots, axis=1)] = 1
         else:
             f = np.maximum(dots - alpha, 0)
+            if split:
+                f = np.concatenate([f, np.maximum(-dots - alpha, 0)], axis=1)
         f = f.reshape(b, ny, nx, k)
         ys, xs = _bounds(ny, grid), _bounds(nx, grid)
         for gy in range(grid):

@@ -6,10 +6,11 @@ centroids, Thiry et al. 2021); split=True gives soft and knn codes for both sign
 
 Two costs dominate: the dot products z.c (one (positions x d) @ (d x k) matmul, done on CPU by
 oneDNN's AVX-512 kernel through kmfeat.linear) and the images x positions x k distance map after
-it, where every elementwise pass costs memory bandwidth. So the whitened patches z of a batch of
-images are built at once, then the matmul runs one cache-sized block of response-map rows at a
-time and everything after it (distance, code, per-cell sums) runs on that block while it is still
-in cache: as one fused torch.compile kernel for big jobs, or as in-place eager passes.
+it, where every elementwise pass costs memory bandwidth. So the normalization and the whitening are
+folded into the centroids (Encoder._prepare): the matmul reads the raw patches of a batch of images
+(one strided copy, in the product's dtype), one cache-sized block of response-map rows at a time,
+and everything after it (per-patch scale, distance, code, per-cell sums) runs on that block while it
+is still in cache: as one fused torch.compile kernel for big jobs, or as in-place eager passes.
 """
 import functools
 import os
@@ -32,7 +33,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ALLOW_TF32 = False
 """TF32 matmuls on CUDA: off until checked within 1e-3 of the float64 reference on the target GPU."""
 BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
-"""Target size (positions x k floats) of one block of the distance map: cache-sized on CPU."""
+"""Target size (positions x product columns) of one block of the code map: cache-sized on CPU."""
 BATCH_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 """Upper bound on the per-batch working set (patches, z, buffers) when batch=None."""
 COMPILE_MIN_WORK = 1e10
@@ -61,34 +62,43 @@ def _reduce_cols(f, cuts, reduce):
     return torch.stack([f[:, cuts[g]:cuts[g + 1]].sum(1) for g in range(len(cuts) - 1)])
 
 
-def _triangle_cells(e, zz, cuts, reduce):
-    """Triangle codes from e = ||c||^2 - 2 z.c and zz = ||z||^2, written as one fusable expression."""
-    d = (e + zz.unsqueeze(-1)).clamp_min(0).sqrt()
+def _affine(p, inv_s, b):
+    """The code map e (R, nx, K) = b + p / sigma from the product p = A.(x - mu) of the raw patches (any float
+    dtype; see Encoder._prepare), with inv_s (R, nx) the 1/sigma of each patch."""
+    return p.float() * inv_s.unsqueeze(-1) + b
+
+
+def _triangle_cells(p, inv_s, b, zz, cuts, reduce):
+    """Triangle codes from e = ||c||^2 - 2 z.c (via _affine) and zz = ||z||^2, as one fusable expression."""
+    d = (_affine(p, inv_s, b) + zz.unsqueeze(-1)).clamp_min(0).sqrt()
     return _reduce_cols((d.mean(-1, keepdim=True) - d).clamp_min(0), cuts, reduce)
 
 
-def _soft_cells(e, cuts, reduce):
-    """Soft-threshold codes from e = c_hat.z - alpha, as one fusable expression."""
-    return _reduce_cols(e.clamp_min(0), cuts, reduce)
+def _soft_cells(p, inv_s, b, cuts, reduce):
+    """Soft-threshold codes from e = c_hat.z - alpha (via _affine), as one fusable expression."""
+    return _reduce_cols(_affine(p, inv_s, b).clamp_min(0), cuts, reduce)
 
 
-def _soft_split_cells(e, two_alpha, cuts, reduce):
-    """Both signs from one product e = c_hat.z - alpha: max(0, e), and
-    max(0, -c_hat.z - alpha) = max(0, -e - 2 alpha)."""
-    return _reduce_cols(torch.cat([e, e.neg() - two_alpha], -1).clamp_min(0), cuts, reduce)
+def _soft_split_cells(p, inv_s, b, two_alpha, cuts, reduce):
+    """Both signs from one product, e = c_hat.z - alpha: max(0, e), and
+    max(0, -c_hat.z - alpha) = max(0, -e - 2 alpha); two reductions that inductor fuses into one pass."""
+    e = _affine(p, inv_s, b)
+    return torch.cat([_reduce_cols(e.clamp_min(0), cuts, reduce),
+                      _reduce_cols((e.neg() - two_alpha).clamp_min(0), cuts, reduce)], -1)
 
 
-def _triangle_cells_bf16(p, bias, zz, cuts, reduce):
-    """_triangle_cells of the bfloat16 product p = -2 z.c: widened to float32 and biased inside the kernel."""
-    return _triangle_cells(p.float() + bias, zz, cuts, reduce)
+def _affine_(p, inv_s, b):
+    """Eager _affine, in place where p is float32."""
+    e = p if p.dtype == torch.float32 else p.float()
+    return e.mul_(inv_s.unsqueeze(-1)).add_(b)
 
 
-def _soft_cells_bf16(p, bias, cuts, reduce):
-    return _soft_cells(p.float() + bias, cuts, reduce)
-
-
-def _soft_split_cells_bf16(p, bias, two_alpha, cuts, reduce):
-    return _soft_split_cells(p.float() + bias, two_alpha, cuts, reduce)
+def _with_sum_column(A, dtype):
+    """[A', -r / d] (k, d + 1) float32 for A (k, d) with centred rows: A' is A rounded to `dtype`, r its row sums
+    (what the rounding left of A.1 = 0). Against a patch x with its pixel sum appended, [x, sum(x)], it gives
+    A'.x - r mu = A'.(x - mu) up to the rounding of r / d and of the sum (a 2^-8 part of r mu in bfloat16)."""
+    rounded = torch.tensor(A, dtype=dtype).double()
+    return torch.cat([rounded, -rounded.sum(1, keepdim=True) / A.shape[1]], 1).float()
 
 
 def _cell_reduce_(f, cuts, reduce, out):
@@ -114,8 +124,11 @@ def _soft_cells_(e, cuts, reduce, out):
 
 def _soft_split_cells_(e, two_alpha, cuts, reduce, out):
     """Eager sign split of e = c_hat.z - alpha (R, nx, k) into out (L, R, 2k)."""
-    both = torch.cat([e, torch.neg(e).sub_(two_alpha)], -1)
-    return _cell_reduce_(both.clamp_min_(0), cuts, reduce, out)
+    k = e.shape[-1]
+    neg = torch.neg(e).sub_(two_alpha).clamp_min_(0)
+    _cell_reduce_(e.clamp_min_(0), cuts, reduce, out[..., :k])
+    _cell_reduce_(neg, cuts, reduce, out[..., k:])
+    return out
 
 
 def _knn_cells_(e, q, halves, cuts, reduce, out):
@@ -253,7 +266,15 @@ class Encoder:
                                   f"got {q!r}")
 
     def _prepare(self):
-        """Device-side affine maps: whitening z = W p + (-W m), and e = bias + scale * c.z for the code."""
+        """Device-side affine maps, folded so that one product of the raw patches gives every code.
+
+        With x a patch's pixels - 128, mu and sigma its mean and contrast, the normalized patch is
+        (x - mu) / sigma, the whitened z = W (x - mu) / sigma + w0, and a code needs e = bias + weight.z =
+        b + A.(x - mu) / sigma with A = weight W and b = bias + weight.w0. A's rows are centred (A.1 = 0,
+        which changes nothing for x - mu), so A.(x - mu) = A.x: the product reads the raw integer patches
+        (exact in float32 and in bfloat16) and skips the normalizing and whitening passes; 1/sigma is a
+        per-patch scale after it. What rounding A leaves of its row sums is taken off through an extra column
+        (_with_sum_column)."""
         dev = self.device_
         c = np.asarray(self.centroids, dtype=np.float64)
         W = np.asarray(self.whiten_matrix, dtype=np.float64)
@@ -268,14 +289,22 @@ class Encoder:
         self.q_ = max(1, min(self.k_, round(self.q * self.k_))) if self.q < 1 else int(self.q)
         self.levels_, self.fine_ = levels(self.grid), finest(self.grid)
         as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=dev)
-        self.whiten_ = Linear(as_tensor(W), as_tensor(-(np.asarray(self.whiten_mean, np.float64) @ W.T)))
-        self.code_ = Linear(as_tensor(weight), as_tensor(bias))
+        w0 = -(np.asarray(self.whiten_mean, np.float64) @ W.T)
         self.precision_ = encode_precision(self.precision, dev)
-        self.product_ = ProductBF16(as_tensor(weight)) if self.precision_ == "bf16" else None
-        if self.product_ is not None and not self.product_.ok:
-            raise KmfeatError(f"encode.precision = bf16: on {dev} a bfloat16 product of these centroids disagrees "
-                              f"with float64 beyond {BF16_RTOL:g}; use encode.precision = \"fp32\"")
-        self.code_bias_ = as_tensor(bias)
+        A = weight @ W
+        A -= A.mean(1, keepdims=True)
+        if self.precision_ == "bf16":
+            self.product_ = ProductBF16(_with_sum_column(A, torch.bfloat16).to(dev))
+            if not self.product_.ok:
+                raise KmfeatError(f"encode.precision = bf16: on {dev} a bfloat16 product of these centroids "
+                                  f"disagrees with float64 beyond {BF16_RTOL:g}; use encode.precision = \"fp32\"")
+        else:
+            self.product_ = Linear(_with_sum_column(A, torch.float32).to(dev), torch.zeros(len(A), device=dev))
+        self.code_bias_ = as_tensor(bias + weight @ w0)
+        if self.kind == "triangle":  # ||z||^2, from z = W.(x - mu) / sigma + w0 computed the same way
+            Wc = W - W.mean(1, keepdims=True)
+            self.whiten_ = Linear(_with_sum_column(Wc, torch.float32).to(dev), torch.zeros(len(Wc), device=dev))
+            self.whiten_bias_ = as_tensor(w0)
         self.compile_ = compile_mode() != "off" and self.kind in ("triangle", "soft")
         self.compiled_once_ = False
         self.work_seen_ = 0
@@ -352,7 +381,7 @@ class Encoder:
             what = f"{g}x{g} cells" if self.levels_ == [g] else f"the pyramid {self.grid} needs {g}x{g} cells, which"
             raise KmfeatError(f"pool.grid: {what} do not fit the {ny}x{nx} response map "
                               f"({H}x{W} images, rf {rf}, stride {s})")
-        rows = max(1, BLOCK_ELEMENTS[self.device_] // (nx * self.n_codes))
+        rows = max(1, BLOCK_ELEMENTS[self.device_] // (nx * len(self.code_bias_)))
         if rows >= ny:
             rows -= rows % ny
         counts = np.outer(np.diff(pool_bounds(ny, g)), np.diff(pool_bounds(nx, g)))
@@ -379,47 +408,55 @@ class Encoder:
         """On CUDA, fp32 matmuls in full precision unless ALLOW_TF32; restored afterwards."""
         return full_fp32(self.device_, ALLOW_TF32)
 
-    def _whitened(self, x, geom, padded_rows):
-        """z (padded_rows, nx, d) and ||z||^2 (padded_rows, nx) of float images x (B, H, W, C).
+    def _patches(self, images, geom, padded_rows):
+        """The raw patches x = pixels - 128 of uint8 images (B, H, W, C) with their pixel sums appended,
+        (padded_rows * nx, d + 1) in the product's dtype; 1/sigma of each, (padded_rows, nx) float32; and
+        ||z||^2 (padded_rows, nx) for triangle codes, else None.
 
-        Padding rows hold all-zero patches: finite values that the caller routes to a spare slot.
+        mu and sigma = sqrt(var + norm_eps) come from window sums of the pixels and of their squares, in
+        float64 (exact: they are integers). Padding rows hold zero patches with a zero scale: finite values
+        that the caller routes to a spare slot.
         """
-        B, H, W, C = x.shape
+        B, H, W, C = images.shape
         ny, nx, rf, s, d = geom["ny"], geom["nx"], self.rf, self.stride, self.d_
-        p = torch.empty(padded_rows * nx, d, device=x.device)
+        x = images.float().sub_(128)
+        p = torch.empty(padded_rows * nx, d + 1, device=x.device, dtype=self.product_.weight.dtype)
         n = B * ny * nx
-        p[:n].view(B, ny, nx, rf, rf, C).copy_(
-            x.as_strided((B, ny, nx, rf, rf, C), (H * W * C, s * W * C, s * C, W * C, C, 1)))
+        p[:n, :d].view(B, ny, nx, rf, rf, C).copy_(
+            x.to(p.dtype).as_strided((B, ny, nx, rf, rf, C), (H * W * C, s * W * C, s * C, W * C, C, 1)))
         p[n:].zero_()
-        p -= p.mean(1, keepdim=True)
-        p /= torch.linalg.vector_norm(p, dim=1, keepdim=True).square_().div_(d).add_(self.norm_eps).sqrt_()
-        z = self.whiten_(p)
-        zz = torch.linalg.vector_norm(z, dim=1).square_()
-        return z.view(padded_rows, nx, d), zz.view(padded_rows, nx)
+        window = functools.partial(torch.nn.functional.avg_pool2d, kernel_size=rf, stride=s, divisor_override=1)
+        x64 = x.double()
+        s1 = window(x64.sum(-1).unsqueeze(1)).view(n)
+        s2 = window(x64.square().sum(-1).unsqueeze(1)).view(n)
+        p[:n, d] = s1
+        inv_s = torch.zeros(padded_rows * nx, device=x.device)
+        inv_s[:n] = ((d * s2 - s1 * s1) / (d * d) + self.norm_eps).rsqrt_()
+        inv_s = inv_s.view(padded_rows, nx)
+        zz = None
+        if self.kind == "triangle":
+            z = _affine_(self.whiten_(p.float()).view(padded_rows, nx, d), inv_s, self.whiten_bias_)
+            zz = torch.linalg.vector_norm(z, dim=-1).square_()
+        return p, inv_s, zz
 
-    def _cells(self, zb, zz, geom, out, ones):
-        """Per-row, per-column-cell code sums or maxima (L, R, K) of one block of whitened patches zb (R*nx, d):
-        e = bias + scale * z.c from one matmul, then the fused kernel (compiled) or in-place passes (eager)."""
+    def _cells(self, pb, inv_s, zz, geom, out, ones):
+        """Per-row, per-column-cell code sums or maxima (L, R, K) of one block of raw patches pb (R*nx, d + 1):
+        the product A.x from one matmul, then the scaling, the code and the sums, in the fused kernel (compiled)
+        or in in-place passes (eager)."""
         global _compile_broken
         cuts, reduce = geom["cuts"], "max" if self.pool == "max" else "sum"
-        bf16 = self.product_ is not None
-        e = (self.product_ if bf16 else self.code_)(zb).view(zz.shape[0], zz.shape[1], -1)
+        e = self.product_(pb).view(inv_s.shape[0], inv_s.shape[1], -1)
+        affine = (inv_s, self.code_bias_)
         soft_split = self.kind == "soft" and self.split
         if geom["compiled"] and self.compile_:
-            if bf16:  # the float32 widening and the bias are fused into the kernel
-                b = self.code_bias_
-                fn, args = ((_triangle_cells_bf16, (e, b, zz)) if self.kind == "triangle" else
-                            (_soft_split_cells_bf16, (e, b, 2.0 * self.alpha)) if soft_split else
-                            (_soft_cells_bf16, (e, b)))
-            else:
-                fn, args = ((_triangle_cells, (e, zz)) if self.kind == "triangle" else
-                            (_soft_split_cells, (e, 2.0 * self.alpha)) if soft_split else (_soft_cells, (e,)))
+            fn, extra = ((_triangle_cells, (zz,)) if self.kind == "triangle" else
+                         (_soft_split_cells, (2.0 * self.alpha,)) if soft_split else (_soft_cells, ()))
             fresh, t0 = (fn, self.device_) not in _compiled, time.perf_counter()
             if fresh:
                 say("encode: compiling the fused encoder kernel, once per process (about 10-30 s the first time, "
                     "a few s from the inductor cache) ...")
             try:
-                cells = _compiled_fn(fn, self.device_)(*args, cuts, reduce)
+                cells = _compiled_fn(fn, self.device_)(e, *affine, *extra, cuts, reduce)
                 self.compiled_once_ = True
                 if fresh:
                     say(f"encode: compiled in {time.perf_counter() - t0:.1f} s")
@@ -430,8 +467,7 @@ class Encoder:
                 warnings.warn(f"kmfeat.encode: torch.compile failed, using the eager encoder ({exc})", stacklevel=2)
                 _compile_broken = True
                 self.compile_ = False
-        if bf16:
-            e = e.float().add_(self.code_bias_)
+        e = _affine_(e, *affine)
         if self.kind == "triangle":
             return _triangle_cells_(e, zz, cuts, reduce, out)
         if soft_split:
@@ -455,15 +491,15 @@ class Encoder:
         R = geom["rows"] if geom["compiled"] else min(geom["rows"], n_rows)
         padded = -(-n_rows // R) * R
         with self._precision():
-            x = torch.from_numpy(images).to(dev).float()
-            z, zz = self._whitened(x, geom, padded)
+            p, inv_s, zz = self._patches(torch.from_numpy(images).to(dev), geom, padded)
             slot = torch.full((padded,), B * g, dtype=torch.long, device=dev)
             slot[:n_rows] = (torch.arange(B, device=dev).unsqueeze(1) * g + geom["cell_y"]).view(-1)
             acc = torch.zeros(g, B * g + 1, k, device=dev)
             out = torch.empty(g, R, k, device=dev)
             ones = torch.ones(R * nx, device=dev)
             for r in range(0, padded, R):
-                cells = self._cells(z[r:r + R].view(R * nx, -1), zz[r:r + R], geom, out, ones)
+                cells = self._cells(p[r * nx:(r + R) * nx], inv_s[r:r + R], None if zz is None else zz[r:r + R],
+                                    geom, out, ones)
                 if self.pool == "max":  # codes are >= 0, so the zero start is neutral
                     acc.index_reduce_(1, slot[r:r + R], cells, "amax")
                 else:

@@ -12,6 +12,7 @@ import torch
 import kmfeat.encode as encode
 from kmfeat.encode import Encoder
 from kmfeat.errors import KmfeatError
+from kmfeat.linear import BF16_RTOL
 from kmfeat.pooling import cell_index, pool_bounds
 from reference import reference_bounds, reference_encode, random_dictionary
 
@@ -261,6 +262,9 @@ def test_naive_baseline_matches_reference():
             out = naive(images, centroids, mean, Wm, rf=rf, stride=stride, kind=kind, grid=grid, batch=3)
             ref = reference_encode(images, centroids, mean, Wm, rf, stride, kind, 0.5, grid)
             _assert_close(out, ref, rtol=1e-3)
+        out = naive(images, centroids, mean, Wm, rf=rf, stride=stride, kind="soft", grid=grid, batch=3, split=True)
+        _assert_close(out, reference_encode(images, centroids, mean, Wm, rf, stride, "soft", 0.5, grid, split=True),
+                      rtol=1e-3)
 
 
 @pytest.mark.slow
@@ -513,3 +517,40 @@ def test_inductor_cache_lives_under_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "c"), "cache", "ls"], catch_exceptions=False)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"  # a user's setting is respected
+
+
+@pytest.mark.parametrize("kind,split,precision", [("triangle", False, "fp32"), ("soft", True, "fp32"),
+                                                   ("hard", False, "fp32"), ("knn", True, "fp32"),
+                                                   ("triangle", False, "bf16"), ("soft", True, "bf16")])
+def test_bright_flat_patches_keep_their_accuracy(kind, split, precision):
+    """The product reads the raw patches (pixels - 128) and takes each patch's mean off afterwards
+    (Encoder._prepare): on near-flat images far from 128, where that mean is large against the contrast, the
+    features must still match the float64 reference to float32 accuracy (bfloat16's in bf16)."""
+    rng = np.random.default_rng(3)
+    images = (250 - rng.integers(0, 4, (6, 12, 12, 3))).astype(np.uint8)
+    images[:3, 6:] = rng.integers(0, 256, (3, 6, 12, 3))  # contrast in some windows too
+    mean, Wm, centroids = random_dictionary(_images(20, 12, 12, 3, 5), 4, 21, seed=2)
+    enc = Encoder(centroids, mean, Wm, rf=4, kind=kind, split=split, alpha=0.25, grid=2, q=3, device="cpu",
+                  precision=precision)
+    ref = reference_encode(images, centroids, mean, Wm, 4, 1, kind, 0.25, 2, split=split, q=3)
+    _assert_close(enc.transform(images), ref, rtol=BF16_RTOL if precision == "bf16" else 1e-4)
+
+
+def test_the_sum_column_takes_off_what_rounding_leaves_of_the_row_sums():
+    """[A', -r/d] against [x, sum(x)] gives A.(x - mu) for centred A, in float32 to float32 accuracy and in
+    bfloat16 to its rounding of A; without the column the rounded row sums leave r * mu on every product."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((50, 108))
+    A -= A.mean(1, keepdims=True)
+    x = rng.integers(-4, 5, (200, 108)).astype(np.float64) + 120  # flat patches, a mean far from 0
+    want = (x - x.mean(1, keepdims=True)) @ A.T
+    xs = np.concatenate([x, x.sum(1, keepdims=True)], 1)
+    scale = np.abs(want).max()
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
+        aug = encode._with_sum_column(A, dtype).double().numpy()
+        assert aug.shape == (50, 109)
+        assert np.array_equal(aug[:, :108], torch.tensor(A, dtype=dtype).double().numpy())
+        assert np.abs(xs @ aug.T - want).max() <= tol * scale
+    rounded = torch.tensor(A, dtype=torch.bfloat16).double().numpy()
+    assert np.abs(x @ rounded.T - want).max() > 10 * np.abs(xs @ encode._with_sum_column(A, torch.bfloat16)
+                                                          .double().numpy().T - want).max()

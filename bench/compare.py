@@ -1,7 +1,8 @@
 """kmfeat's Encoder against the naive numpy baseline, in one process, on the same real images
 and the same whitening and centroids (fitted quickly: their quality does not matter for timing,
 only k and d do). Each Encoder variant gets one warm-up call on a few images first, so that the
-torch.compile / oneDNN set-up is reported apart from the timed runs.
+torch.compile / oneDNN set-up is reported apart from the timed runs. The timed runs go round-robin (one
+run of every variant per round), so that a shared VM's slow spells fall on all variants alike.
 """
 from __future__ import annotations
 
@@ -146,8 +147,9 @@ def _encoder_settings(cfg: PipelineConfig) -> dict:
                 norm_eps=cfg.patches.norm_eps, split=e.split)
 
 
-def time_encoder(images, dictionary, cfg: PipelineConfig, variant: str, repeats: int):
-    """(Timing, features of the last run) of kmfeat's Encoder with KMFEAT_COMPILE set for `variant`."""
+def encoder_runner(images, dictionary, cfg: PipelineConfig, variant: str):
+    """(Timing with its warm-up, a callable that encodes the images once) for kmfeat's Encoder with
+    KMFEAT_COMPILE set for `variant` while it runs."""
     from kmfeat.encode import Encoder
 
     compile_flag, precision = VARIANTS[variant]
@@ -158,26 +160,28 @@ def time_encoder(images, dictionary, cfg: PipelineConfig, variant: str, repeats:
         start = time.perf_counter()
         encoder.transform(images[:WARMUP_IMAGES])
         timing.warmup = time.perf_counter() - start
-        for r in range(repeats):
-            start = time.perf_counter()
+
+    def run():
+        with _env("KMFEAT_COMPILE", compile_flag):
             out = encoder.transform(images)
+        if compile_flag == "1" and not encoder.compiled_once_ and "compile failed" not in timing.name:
+            timing.name += " (compile failed: eager)"
+        return out
+    return timing, run
+
+
+def time_round_robin(runners, repeats: int) -> list:
+    """Time each (Timing, run) once per round, `repeats` rounds, so that a shared machine's slow spells fall
+    on every variant alike; the outputs of the last round."""
+    outs = []
+    for r in range(repeats):
+        outs = []
+        for timing, run in runners:
+            start = time.perf_counter()
+            outs.append(run())
             timing.runs.append(time.perf_counter() - start)
             say(f"bench: {timing.name} run {r + 1}/{repeats}: {timing.runs[-1]:.2f} s")
-        if compile_flag == "1" and not encoder.compiled_once_:
-            timing.name += " (compile failed: eager)"
-    return timing, out
-
-
-def time_naive(images, dictionary, cfg: PipelineConfig, repeats: int):
-    """(Timing, features of the last run) of bench.naive_encoder.naive_numpy_encode."""
-    settings = _encoder_settings(cfg)
-    timing = Timing("naive numpy")
-    for r in range(repeats):
-        start = time.perf_counter()
-        out = naive_numpy_encode(images, *dictionary, **settings)
-        timing.runs.append(time.perf_counter() - start)
-        say(f"bench: naive numpy run {r + 1}/{repeats}: {timing.runs[-1]:.2f} s")
-    return timing, out
+    return outs
 
 
 def run_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, variants: list[str]) -> dict:
@@ -196,12 +200,14 @@ def run_compare(cfg: PipelineConfig, n_images: int, k: int, repeats: int, varian
     positions = ((H - rf) // stride + 1) * ((W - rf) // stride + 1)
     d = dictionary[0].shape[1]
     flop = 2.0 * N * positions * k * d
-    naive, reference = time_naive(images, dictionary, cfg, repeats)
-    timings = [naive]
-    for variant in variants:
-        timing, out = time_encoder(images, dictionary, cfg, variant, repeats)
+    settings = _encoder_settings(cfg)
+    runners = [(Timing("naive numpy"), lambda: naive_numpy_encode(images, *dictionary, **settings))]
+    runners += [encoder_runner(images, dictionary, cfg, variant) for variant in variants]
+    reference, *outs = time_round_robin(runners, repeats)
+    timings = [timing for timing, _ in runners]
+    for timing, out in zip(timings[1:], outs):
         timing.rel_diff = relative_diff(out, reference)
-        timings.append(timing)
+    naive = timings[0]
     device = "cuda" if cfg.encode.device != "cpu" and torch.cuda.is_available() else "cpu"
     say("bench: the matmul roof of this shape class (fp32, bf16) ...")
     peaks = {p: matmul_peak(d, k, device, p) for p in ("fp32", "bf16")}

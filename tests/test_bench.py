@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.child import kmfeat_argv, run_checked  # noqa: E402
-from bench.compare import relative_diff  # noqa: E402
+from bench.compare import Timing, relative_diff, time_round_robin  # noqa: E402
 from bench.stage_table import StageResult, _link_entries, render, stage_rows  # noqa: E402
 from kmfeat.errors import KmfeatError  # noqa: E402
 from kmfeat.stages import ORDER  # noqa: E402
@@ -302,3 +302,18 @@ def test_compare_bf16_variants_are_held_to_the_bf16_tolerance(tmp_path, data, _)
     assert fp32["tolerance"] == 1e-4 and bf16["tolerance"] == 2e-2
     assert 0 < bf16["rel_diff"] <= 2e-2 and fp32["rel_diff"] <= 1e-4
     assert f"match kmfeat eager-bf16: max|a-b|/max|b| = {bf16['rel_diff']:.2e} (<= 0.02: ok)" in proc.stdout
+
+
+def test_compare_times_the_variants_round_robin():
+    """One run of every variant per round, so that a slow spell of a shared machine hits them alike; each
+    Timing gets one run per round and the outputs are the last round's."""
+    calls = []
+
+    def runner(name):
+        return Timing(name), lambda: calls.append(name) or f"{name}{len(calls)}"
+
+    runners = [runner("a"), runner("b"), runner("c")]
+    outs = time_round_robin(runners, 3)
+    assert calls == ["a", "b", "c"] * 3
+    assert outs == ["a7", "b8", "c9"]
+    assert all(len(t.runs) == 3 and min(t.runs) >= 0 for t, _ in runners)

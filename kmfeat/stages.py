@@ -282,6 +282,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("patches", ("data",), _patches_params, _compute_patches),
     Stage("whiten", ("patches",), _whiten_params, _compute_whiten),
     Stage("kmeans", ("patches", "whiten"), _kmeans_params, _compute_kmeans),
+    # encode revision 1: normalization and whitening folded into the centroids (bytes move at float32 rounding)
     Stage("encode", ("data", "whiten", "kmeans"), _encode_params, compute_encode, resumable=True, revision=1),
     # train resumes the MLP from its per-epoch checkpoint; revision 1: svm solved to tol 1e-6
     Stage("train", ("encode",), _train_params, _compute_train, resumable=True, revision=1),

@@ -101,6 +101,14 @@ def _with_sum_column(A, dtype):
     return torch.cat([rounded, -rounded.sum(1, keepdim=True) / A.shape[1]], 1).float()
 
 
+def _raw_product(A, precision: str, device):
+    """The product [x, sum(x)] -> A.(x - mu) for A (k, d) with centred rows, on `device`: ProductBF16 in "bf16"
+    (its result in bfloat16), else a float32 Linear."""
+    if precision == "bf16":
+        return ProductBF16(_with_sum_column(A, torch.bfloat16).to(device))
+    return Linear(_with_sum_column(A, torch.float32).to(device), torch.zeros(len(A), device=device))
+
+
 def _cell_reduce_(f, cuts, reduce, out):
     for g in range(len(cuts) - 1):
         if reduce == "max":
@@ -293,17 +301,13 @@ class Encoder:
         self.precision_ = encode_precision(self.precision, dev)
         A = weight @ W
         A -= A.mean(1, keepdims=True)
-        if self.precision_ == "bf16":
-            self.product_ = ProductBF16(_with_sum_column(A, torch.bfloat16).to(dev))
-            if not self.product_.ok:
-                raise KmfeatError(f"encode.precision = bf16: on {dev} a bfloat16 product of these centroids "
-                                  f"disagrees with float64 beyond {BF16_RTOL:g}; use encode.precision = \"fp32\"")
-        else:
-            self.product_ = Linear(_with_sum_column(A, torch.float32).to(dev), torch.zeros(len(A), device=dev))
+        self.product_ = _raw_product(A, self.precision_, dev)
+        if self.precision_ == "bf16" and not self.product_.ok:
+            raise KmfeatError(f"encode.precision = bf16: on {dev} a bfloat16 product of these centroids disagrees "
+                              f"with float64 beyond {BF16_RTOL:g}; use encode.precision = \"fp32\"")
         self.code_bias_ = as_tensor(bias + weight @ w0)
         if self.kind == "triangle":  # ||z||^2, from z = W.(x - mu) / sigma + w0 computed the same way
-            Wc = W - W.mean(1, keepdims=True)
-            self.whiten_ = Linear(_with_sum_column(Wc, torch.float32).to(dev), torch.zeros(len(Wc), device=dev))
+            self.whiten_ = _raw_product(W - W.mean(1, keepdims=True), "fp32", dev)
             self.whiten_bias_ = as_tensor(w0)
         self.compile_ = compile_mode() != "off" and self.kind in ("triangle", "soft")
         self.compiled_once_ = False
@@ -445,7 +449,7 @@ class Encoder:
         or in in-place passes (eager)."""
         global _compile_broken
         cuts, reduce = geom["cuts"], "max" if self.pool == "max" else "sum"
-        e = self.product_(pb).view(inv_s.shape[0], inv_s.shape[1], -1)
+        e = self.product_(pb).view(*inv_s.shape, -1)
         affine = (inv_s, self.code_bias_)
         soft_split = self.kind == "soft" and self.split
         if geom["compiled"] and self.compile_:

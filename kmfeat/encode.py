@@ -429,10 +429,11 @@ class Encoder:
         p[:n, :d].view(B, ny, nx, rf, rf, C).copy_(
             x.to(p.dtype).as_strided((B, ny, nx, rf, rf, C), (H * W * C, s * W * C, s * C, W * C, C, 1)))
         p[n:].zero_()
-        window = functools.partial(torch.nn.functional.avg_pool2d, kernel_size=rf, stride=s, divisor_override=1)
-        x64 = x.double()
-        s1 = window(x64.sum(-1).unsqueeze(1)).view(n)
-        s2 = window(x64.square().sum(-1).unsqueeze(1)).view(n)
+        window = functools.partial(torch.nn.functional.avg_pool2d, kernel_size=(rf, rf * C), stride=(s, s * C),
+                                   divisor_override=1)  # a window of W * C interleaved columns is a patch
+        x64 = x.double().view(B, 1, H, W * C)
+        s1 = window(x64).view(n)
+        s2 = window(x64.square()).view(n)
         p[:n, d] = s1
         inv_s = torch.zeros(padded_rows * nx, device=x.device)
         inv_s[:n] = ((d * s2 - s1 * s1) / (d * d) + self.norm_eps).rsqrt_()

@@ -362,10 +362,14 @@ class Encoder:
         return self._batches(images, flip, batch, geom)
 
     def _batches(self, images, flip, batch, geom):
+        """Encodes batch after batch with one patch matrix (the workspace): a fresh one per batch (35 MB in
+        float32 for 111 CIFAR images, past malloc's mmap threshold) is page-faulted in every time, which took
+        7x as long as the copy that fills it (BENCHMARKS.md)."""
+        workspace = {}
         for start in range(0, len(images), batch):
             x = images[start:start + batch]
             x = np.array(x[:, :, ::-1] if flip else x, order="C")
-            yield start, start + len(x), self._encode_batch(x, geom)
+            yield start, start + len(x), self._encode_batch(x, geom, workspace)
 
     def _geometry(self, images) -> dict:
         """Check the images against the encoder; sizes of the response map and of the blocks."""
@@ -412,10 +416,10 @@ class Encoder:
         """On CUDA, fp32 matmuls in full precision unless ALLOW_TF32; restored afterwards."""
         return full_fp32(self.device_, ALLOW_TF32)
 
-    def _patches(self, images, geom, padded_rows):
+    def _patches(self, images, geom, padded_rows, workspace):
         """The raw patches x = pixels - 128 of uint8 images (B, H, W, C) with their pixel sums appended,
-        (padded_rows * nx, d + 1) in the product's dtype; 1/sigma of each, (padded_rows, nx) float32; and
-        ||z||^2 (padded_rows, nx) for triangle codes, else None.
+        (padded_rows * nx, d + 1) in the product's dtype (in workspace["patches"], grown as needed); 1/sigma of
+        each, (padded_rows, nx) float32; and ||z||^2 (padded_rows, nx) for triangle codes, else None.
 
         mu and sigma = sqrt(var + norm_eps) come from window sums of the pixels and of their squares, in
         float64 (exact: they are integers). Padding rows hold zero patches with a zero scale: finite values
@@ -424,7 +428,11 @@ class Encoder:
         B, H, W, C = images.shape
         ny, nx, rf, s, d = geom["ny"], geom["nx"], self.rf, self.stride, self.d_
         x = images.float().sub_(128)
-        p = torch.empty(padded_rows * nx, d + 1, device=x.device, dtype=self.product_.weight.dtype)
+        p = workspace.get("patches")
+        if p is None or len(p) < padded_rows * nx:
+            p = workspace["patches"] = torch.empty(padded_rows * nx, d + 1, device=x.device,
+                                                   dtype=self.product_.weight.dtype)
+        p = p[:padded_rows * nx]
         n = B * ny * nx
         p[:n, :d].view(B, ny, nx, rf, rf, C).copy_(
             x.to(p.dtype).as_strided((B, ny, nx, rf, rf, C), (H * W * C, s * W * C, s * C, W * C, C, 1)))
@@ -484,7 +492,7 @@ class Encoder:
         return _hard_cells_(e, geom["cell_x"], ones, reduce, out)
 
     @torch.no_grad()
-    def _encode_batch(self, images: np.ndarray, geom) -> np.ndarray:
+    def _encode_batch(self, images: np.ndarray, geom, workspace) -> np.ndarray:
         """Pooled features of one batch of uint8 images, computed block by block on the device.
 
         Compiled blocks always have geom["rows"] rows (the last one zero-padded) so the kernel
@@ -496,7 +504,7 @@ class Encoder:
         R = geom["rows"] if geom["compiled"] else min(geom["rows"], n_rows)
         padded = -(-n_rows // R) * R
         with self._precision():
-            p, inv_s, zz = self._patches(torch.from_numpy(images).to(dev), geom, padded)
+            p, inv_s, zz = self._patches(torch.from_numpy(images).to(dev), geom, padded, workspace)
             slot = torch.full((padded,), B * g, dtype=torch.long, device=dev)
             slot[:n_rows] = (torch.arange(B, device=dev).unsqueeze(1) * g + geom["cell_y"]).view(-1)
             acc = torch.zeros(g, B * g + 1, k, device=dev)

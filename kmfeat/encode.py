@@ -109,6 +109,13 @@ def _raw_product(A, precision: str, device):
     return Linear(_with_sum_column(A, torch.float32).to(device), torch.zeros(len(A), device=device))
 
 
+def _window_sums(t, rf, C, s):
+    """Sums of every rf x rf patch (stride s) of t (B, 1, H, W * C), channels interleaved: rf * C columns,
+    then rf rows, as two pooling passes (a third of the time of one rf x rf * C window)."""
+    pool = functools.partial(torch.nn.functional.avg_pool2d, divisor_override=1)
+    return pool(pool(t, (1, rf * C), (1, s * C)), (rf, 1), (s, 1))
+
+
 def _cell_reduce_(f, cuts, reduce, out):
     for g in range(len(cuts) - 1):
         if reduce == "max":
@@ -437,11 +444,9 @@ class Encoder:
         p[:n, :d].view(B, ny, nx, rf, rf, C).copy_(
             x.to(p.dtype).as_strided((B, ny, nx, rf, rf, C), (H * W * C, s * W * C, s * C, W * C, C, 1)))
         p[n:].zero_()
-        window = functools.partial(torch.nn.functional.avg_pool2d, kernel_size=(rf, rf * C), stride=(s, s * C),
-                                   divisor_override=1)  # a window of W * C interleaved columns is a patch
         x64 = x.double().view(B, 1, H, W * C)
-        s1 = window(x64).view(n)
-        s2 = window(x64.square()).view(n)
+        s1 = _window_sums(x64, rf, C, s).view(n)
+        s2 = _window_sums(x64.square(), rf, C, s).view(n)
         p[:n, d] = s1
         inv_s = torch.zeros(padded_rows * nx, device=x.device)
         inv_s[:n] = ((d * s2 - s1 * s1) / (d * d) + self.norm_eps).rsqrt_()

@@ -536,6 +536,18 @@ def test_bright_flat_patches_keep_their_accuracy(kind, split, precision):
     _assert_close(enc.transform(images), ref, rtol=BF16_RTOL if precision == "bf16" else 1e-4)
 
 
+@pytest.mark.parametrize("H, W, C, rf, s", [(9, 11, 3, 3, 1), (12, 10, 1, 4, 2), (8, 13, 4, 5, 3)])
+def test_window_sums_are_every_patchs_pixel_sum(H, W, C, rf, s):
+    """The two-pass pooling sum equals, for every patch position, the float64 sum of its rf x rf x C pixels."""
+    x = np.random.default_rng(H * W + C).integers(-128, 128, size=(2, H, W, C)).astype(np.float64)
+    got = encode._window_sums(torch.from_numpy(x).view(2, 1, H, W * C), rf, C, s).numpy()
+    ny, nx = (H - rf) // s + 1, (W - rf) // s + 1
+    want = np.array([[[x[b, i * s:i * s + rf, j * s:j * s + rf].sum() for j in range(nx)] for i in range(ny)]
+                     for b in range(2)])
+    assert got.shape == (2, 1, ny, nx) and got.dtype == np.float64
+    np.testing.assert_array_equal(got[:, 0], want)
+
+
 def test_the_sum_column_takes_off_what_rounding_leaves_of_the_row_sums():
     """[A', -r/d] against [x, sum(x)] gives A.(x - mu) for centred A, in float32 to float32 accuracy and in
     bfloat16 to its rounding of A; without the column the rounded row sums leave r * mu on every product."""
